@@ -1,0 +1,168 @@
+"""The `dfp16` Keras dtype policy.
+
+A layer under `DFPPolicy` keeps float32 variables (FP32 master weights) and a
+float32 compute dtype, but its convolution or matrix multiply runs as DFP16.
+The input, the kernel and, in the backward pass, the output gradient are
+quantized to int16 mantissas with one shared power-of-two exponent per tensor.
+The INT16 kernels of `keras_dfp.ops` then accumulate the products exactly in
+int64.
+Everything else in the layer (bias add, activation) and every other layer
+(BatchNormalization, pooling, softmax, losses) stays float32.
+
+`quantization_mode` is None on purpose: a non-None mode makes Keras run its
+own post-training quantization (`Layer.quantized_call`), which is a different
+scheme.
+"""
+
+import keras
+
+POLICY_NAME = "dfp16"
+ROUNDING_MODES = ("nearest_even", "stochastic")
+
+# Keras' `Operation.from_config` keeps only the name of a policy whose
+# quantization_mode is None, so the name itself carries rounding and seed:
+# "dfp16", "dfp16_stochastic" (seed 0) or "dfp16_stochastic_seed<int>".
+_STOCHASTIC_PREFIX = POLICY_NAME + "_stochastic"
+_SEED_PREFIX = _STOCHASTIC_PREFIX + "_seed"
+
+# Layer configs store the policy name with this prefix (see `serialized_name`),
+# so Keras without keras_dfp fails with a message that names the package.
+SERIALIZED_PREFIX = "keras_dfp>"
+
+
+def policy_name(rounding, seed):
+    """Return the canonical policy name for a rounding mode and seed."""
+    if rounding == "nearest_even":
+        return POLICY_NAME
+    if seed == 0:
+        return _STOCHASTIC_PREFIX
+    return f"{_SEED_PREFIX}{seed}"
+
+
+def serialized_name(policy):
+    """Return the name a layer config stores for `policy`, e.g. "keras_dfp>dfp16"."""
+    return SERIALIZED_PREFIX + policy.name
+
+
+def parse_policy_name(name):
+    """Return `(rounding, seed)` for a DFP16 policy name, or None for other names.
+
+    Accepts the names of `policy_name()` with or without the "keras_dfp>"
+    prefix. Rounding and seed are None when the name does not fix them
+    ("dfp16").
+    """
+    if not isinstance(name, str):
+        return None
+    if name.startswith(SERIALIZED_PREFIX):
+        name = name[len(SERIALIZED_PREFIX) :]
+    if name == POLICY_NAME:
+        return None, None
+    if name == _STOCHASTIC_PREFIX:
+        return "stochastic", 0
+    if name.startswith(_SEED_PREFIX):
+        try:
+            return "stochastic", int(name[len(_SEED_PREFIX) :])
+        except ValueError:
+            return None
+    return None
+
+
+@keras.saving.register_keras_serializable(package="keras_dfp")
+class DFPPolicy(keras.DTypePolicy):
+    """Dtype policy that runs Conv2D and Dense through INT16 dynamic fixed point.
+
+    Args:
+        name: `"dfp16"`, a name from `policy_name()` such as
+            `"dfp16_stochastic"` or `"dfp16_stochastic_seed7"`, or None.
+            None inherits the rounding and seed of the global policy when that
+            is a `DFPPolicy`.
+        rounding: `"nearest_even"` (round half to even, the default) or
+            `"stochastic"`. Stochastic rounding draws its bits from a
+            per-layer `keras.random.SeedGenerator` started at `seed`, so one
+            seed reproduces a whole training run on any thread count.
+        seed: Integer seed for stochastic rounding. Ignored for
+            `"nearest_even"`.
+
+    Example:
+
+    >>> import keras, keras_dfp
+    >>> keras.config.set_dtype_policy("dfp16")
+    >>> keras.layers.Dense(4).dtype_policy
+    <DFPPolicy "dfp16">
+    >>> keras.config.set_dtype_policy("float32")
+    """
+
+    def __init__(self, name=None, rounding=None, seed=None):
+        if name is None:
+            global_policy = keras.config.dtype_policy()
+            if isinstance(global_policy, DFPPolicy):
+                rounding = global_policy.rounding if rounding is None else rounding
+                seed = global_policy.seed if seed is None else seed
+            name = POLICY_NAME
+
+        parsed = parse_policy_name(name)
+        if parsed is None:
+            raise ValueError(
+                f"Expected a DFPPolicy name such as {POLICY_NAME!r} or "
+                f"{_STOCHASTIC_PREFIX!r}. Received: name={name!r}. "
+                "For a float policy use keras.DTypePolicy(name) instead."
+            )
+        name_rounding, name_seed = parsed
+        if name_rounding is not None:
+            if rounding not in (None, name_rounding) or seed not in (None, name_seed):
+                raise ValueError(
+                    f"Expected `rounding` and `seed` to match the policy name "
+                    f"{name!r}. Received: rounding={rounding!r}, seed={seed!r}"
+                )
+            rounding, seed = name_rounding, name_seed
+
+        if rounding is None:
+            rounding = "nearest_even"
+        if seed is None:
+            seed = 0
+        if rounding not in ROUNDING_MODES:
+            raise ValueError(
+                f"Expected `rounding` to be one of {ROUNDING_MODES}. "
+                f"Received: rounding={rounding!r}"
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(
+                "Expected `seed` to be a Python int. "
+                f"Received: seed={seed!r} (of type {type(seed).__name__})"
+            )
+
+        self._rounding = rounding
+        self._seed = seed
+        super().__init__(policy_name(rounding, seed))
+
+    def _parse_name(self, name):
+        # `__init__` has validated the name. Every DFP16 policy computes and
+        # keeps its variables in float32.
+        return "float32", "float32"
+
+    @property
+    def rounding(self):
+        """Rounding mode used when quantizing to DFP16."""
+        return self._rounding
+
+    @property
+    def seed(self):
+        """Start seed of the per-layer stochastic-rounding generator."""
+        return self._seed
+
+    def get_config(self):
+        return {"name": self.name, "rounding": self._rounding, "seed": self._seed}
+
+    def __eq__(self, other):
+        return (
+            type(other) is type(self)
+            and self._rounding == other._rounding
+            and self._seed == other._seed
+        )
+
+    def __hash__(self):
+        return hash((POLICY_NAME, self._rounding, self._seed))
+
+    def __repr__(self):
+        return f'<DFPPolicy "{self.name}">'
+
