@@ -1,0 +1,76 @@
+# Build, train and test keras-dfp on a fresh machine. Every target is idempotent.
+#
+#   make train    create .venv, build the DFP ops, train cifar_cnn on the embedded sample
+#   make test     create .venv, build the DFP ops, run the Python test suite
+#
+# make train takes POLICY (dfp16 | float32 | mixed_bfloat16), DATA (a directory of
+# train-*/test-* TFRecord shards or a glob; empty for the embedded sample), EPOCHS,
+# MODEL and MODEL_DIR, for example: make train POLICY=float32 DATA=/data/cifar10
+
+PYTHON ?= python3.11
+VENV := .venv
+VENV_PYTHON := $(VENV)/bin/python
+VENV_PIP := $(VENV)/bin/pip
+
+# Written after a successful dependency install; it is older than Makefile when the
+# pins below change, which triggers a reinstall.
+DEPS_STAMP := $(VENV)/.keras-dfp-deps.stamp
+DEPS := "tensorflow==2.21.*" "keras==3.15.*" absl-py numpy pytest hypothesis matplotlib \
+	setuptools wheel
+
+OPS_LIBRARY := keras_dfp/_keras_dfp_ops.so
+OPS_SOURCES := $(shell find tf_ops -type f \( -name '*.cc' -o -name '*.h' \) 2>/dev/null) \
+	$(wildcard setup.py pyproject.toml MANIFEST.in)
+
+POLICY ?= dfp16
+DATA ?=
+EPOCHS ?=
+MODEL ?= cifar_cnn
+MODEL_DIR ?=
+
+BAZEL_APT_PACKAGES := bazel-bootstrap bazel-rules-java bazel-skylib bazel-platforms
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv build train test bazel-test clean distclean
+
+venv: $(DEPS_STAMP)
+
+$(DEPS_STAMP): Makefile
+	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PIP) install $(DEPS)
+	touch $@
+
+build: $(OPS_LIBRARY)
+
+# pip builds the ops library in place; touch gives it a time stamp newer than its
+# sources even when pip found nothing to rebuild.
+$(OPS_LIBRARY): $(DEPS_STAMP) $(OPS_SOURCES)
+	$(VENV_PIP) install --no-build-isolation -e .
+	@test -f $@ || { echo "Expected $@ after 'pip install -e .', but it is missing." \
+		"Check the compiler output above." >&2; exit 1; }
+	touch $@
+
+train: build
+	$(VENV_PYTHON) -m model_garden.train --model=$(MODEL) --policy=$(POLICY) \
+		--data=$(DATA) $(if $(EPOCHS),--epochs=$(EPOCHS)) \
+		$(if $(MODEL_DIR),--model_dir=$(MODEL_DIR))
+
+# pytest exits 5 when it collects no test; that fails the target like any other error.
+test: build
+	$(VENV_PYTHON) -m pytest -q tests || { status=$$?; \
+		if [ $$status -eq 5 ]; then echo "pytest collected no tests." >&2; fi; \
+		exit $$status; }
+
+bazel-test:
+	command -v bazel >/dev/null || { $(SUDO) apt-get update && \
+		$(SUDO) apt-get install -y $(BAZEL_APT_PACKAGES); }
+	bash bazel/build_and_test.sh
+
+# Removes build outputs and training runs; keeps .venv (see distclean).
+clean:
+	rm -rf build dist *.egg-info runs .pytest_cache
+	rm -f $(OPS_LIBRARY) keras_dfp/_keras_dfp_ops.build_info.json
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,207 @@
+"""Train a model-garden network on CIFAR-10 TFRecords and report test accuracy.
+
+Usage (from the repository root):
+
+    python -m model_garden.train                      # cifar_cnn, dfp16, embedded sample
+    python -m model_garden.train --policy=float32     # same run in float32, for comparison
+    python -m model_garden.train --data=/data/cifar10 --epochs=30
+
+The run writes `<model_dir>/<model>.keras` (the trained model) and
+`<model_dir>/summary.json` (settings, seconds per epoch, test accuracy and loss, versions).
+"""
+
+import json
+import math
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import keras
+import tensorflow as tf
+
+from model_garden import data as data_lib
+from model_garden import models
+
+POLICIES = ("dfp16", "float32", "mixed_bfloat16")
+
+_MODEL = flags.DEFINE_enum("model", "cifar_cnn", sorted(models.MODELS), "Network to train.")
+_DATA = flags.DEFINE_string(
+    "data",
+    "",
+    "Training and test data: a directory with train-*.tfrecord and test-*.tfrecord shards "
+    "(for example /data/cifar10), a glob that may contain {split}, or empty "
+    "for the embedded 5,000/1,000-record sample.",
+)
+_POLICY = flags.DEFINE_enum(
+    "policy", "dfp16", POLICIES,
+    "Keras global dtype policy: dfp16 runs Conv2D and Dense through the INT16 DFP ops.",
+)
+_EPOCHS = flags.DEFINE_integer("epochs", 15, "Passes over the training data.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per batch.", lower_bound=1)
+_LEARNING_RATE = flags.DEFINE_float(
+    "learning_rate", 4e-3,
+    "Peak learning rate of Adam; it decays to 0 along a cosine over all steps.",
+)
+_SEED = flags.DEFINE_integer(
+    "seed", 0, "Seed of weight initialization, dropout, data order and augmentation."
+)
+_MODEL_DIR = flags.DEFINE_string(
+    "model_dir", "", "Output directory. Defaults to runs/<model>-<policy>."
+)
+_MAX_TRAIN_RECORDS = flags.DEFINE_integer(
+    "max_train_records", None, "Use only this many training records (for quick checks).",
+    lower_bound=1,
+)
+_MAX_TEST_RECORDS = flags.DEFINE_integer(
+    "max_test_records", None, "Use only this many test records (for quick checks).",
+    lower_bound=1,
+)
+_VERBOSE = flags.DEFINE_enum(
+    "verbose", "1", ("0", "1", "2"),
+    "Keras fit/evaluate verbosity: 0 silent, 1 progress bar, 2 one line per epoch.",
+)
+
+flags.register_validator(
+    "learning_rate",
+    lambda value: math.isfinite(value) and value > 0,
+    message="--learning_rate must be a finite number > 0, for example 0.004.",
+)
+
+
+def _import_keras_dfp(policy):
+    """Import and return keras_dfp, which registers the "dfp16" policy.
+
+    keras_dfp is required only under the dfp16 policy. For the other policies an import
+    failure is logged and None is returned, so float32 and mixed_bfloat16 runs still work
+    when the ops library has not been built.
+    """
+    try:
+        import keras_dfp  # pylint: disable=import-outside-toplevel
+    except ImportError as error:
+        if policy == "dfp16":
+            raise app.UsageError(
+                f"--policy=dfp16 needs keras_dfp, but importing it failed: {error}. "
+                "Run `make build`, or pass --policy=float32."
+            ) from error
+        logging.warning("keras_dfp is not importable (%s); running without it.", error)
+        return None
+    return keras_dfp
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Keras callback that records the wall-clock seconds of every training epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Pass options as --flag=value.")
+
+    # keras_dfp registers the "dfp16" policy, so it is imported before the policy is set.
+    keras_dfp = _import_keras_dfp(_POLICY.value)
+    model_dir = _MODEL_DIR.value or os.path.join("runs", f"{_MODEL.value}-{_POLICY.value}")
+    try:
+        train_files = data_lib.list_files(_DATA.value, "train")
+        test_files = data_lib.list_files(_DATA.value, "test")
+    except ValueError as error:
+        raise app.UsageError(f"Invalid --data: {error}") from error
+
+    keras.mixed_precision.set_global_policy(_POLICY.value)
+    keras.utils.set_random_seed(_SEED.value)
+    tf.config.experimental.enable_op_determinism()
+    logging.info(
+        "Training %s under policy %s on %d train shard(s) and %d test shard(s); output in %s.",
+        _MODEL.value, _POLICY.value, len(train_files), len(test_files), model_dir,
+    )
+
+    train_data = data_lib.make_dataset(
+        _DATA.value, "train", batch_size=_BATCH_SIZE.value, seed=_SEED.value,
+        max_records=_MAX_TRAIN_RECORDS.value,
+    )
+    test_data = data_lib.make_dataset(
+        _DATA.value, "test", batch_size=256, seed=_SEED.value,
+        max_records=_MAX_TEST_RECORDS.value,
+    )
+    train_samples = data_lib.count_records(train_files, _MAX_TRAIN_RECORDS.value)
+    test_samples = data_lib.count_records(test_files, _MAX_TEST_RECORDS.value)
+    # Training drops the last partial batch (see make_dataset), so steps round down.
+    steps_per_epoch = train_samples // _BATCH_SIZE.value
+    if steps_per_epoch == 0:
+        raise app.UsageError(
+            f"Expected at least --batch_size={_BATCH_SIZE.value} training records. "
+            f"Received: {train_samples} records. Lower --batch_size or use more records."
+        )
+
+    model = models.build_model(
+        _MODEL.value, input_shape=data_lib.IMAGE_SHAPE, num_classes=data_lib.NUM_CLASSES
+    )
+    schedule = keras.optimizers.schedules.CosineDecay(
+        _LEARNING_RATE.value, decay_steps=steps_per_epoch * _EPOCHS.value
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.summary(print_fn=logging.info)
+
+    timer = EpochTimer()
+    history = model.fit(
+        train_data,
+        epochs=_EPOCHS.value,
+        callbacks=[timer],
+        shuffle=False,  # make_dataset already shuffles, with the seed.
+        verbose=int(_VERBOSE.value),
+    )
+    test_loss, test_accuracy = model.evaluate(test_data, verbose=int(_VERBOSE.value))
+
+    os.makedirs(model_dir, exist_ok=True)
+    model_path = os.path.join(model_dir, f"{_MODEL.value}.keras")
+    model.save(model_path)
+    summary = {
+        "model": _MODEL.value,
+        "policy": _POLICY.value,
+        "data": _DATA.value or data_lib.SAMPLE_DIR,
+        "epochs": _EPOCHS.value,
+        "batch_size": _BATCH_SIZE.value,
+        "learning_rate": _LEARNING_RATE.value,
+        "seed": _SEED.value,
+        "train_samples": train_samples,
+        "test_samples": test_samples,
+        "seconds_per_epoch": timer.seconds,
+        "mean_seconds_per_epoch": sum(timer.seconds) / len(timer.seconds),
+        "train_loss": history.history["loss"],
+        "train_accuracy": history.history["accuracy"],
+        "test_loss": float(test_loss),
+        "test_accuracy": float(test_accuracy),
+        "model_path": model_path,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "keras_dfp_version": getattr(keras_dfp, "__version__", None),
+    }
+    summary_path = os.path.join(model_dir, "summary.json")
+    with open(summary_path, "w", encoding="utf-8") as summary_file:
+        json.dump(summary, summary_file, indent=2)
+        summary_file.write("\n")
+    logging.info("Wrote %s and %s.", model_path, summary_path)
+    print(
+        f"{_MODEL.value} ({_POLICY.value}): test accuracy {test_accuracy:.4f}, "
+        f"test loss {test_loss:.4f} on {test_samples} images; "
+        f"{summary['mean_seconds_per_epoch']:.1f} s/epoch over {_EPOCHS.value} epochs."
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
