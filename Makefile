@@ -61,9 +61,15 @@ test: build
 		if [ $$status -eq 5 ]; then echo "pytest collected no tests." >&2; fi; \
 		exit $$status; }
 
-bazel-test:
-	command -v bazel >/dev/null || { $(SUDO) apt-get update && \
-		$(SUDO) apt-get install -y $(BAZEL_APT_PACKAGES); }
+# Installs the Debian Bazel packages that are missing (each one is needed offline), then
+# builds the op library with Bazel and runs the op test against it.
+bazel-test: venv
+	@missing=$$(for package in $(BAZEL_APT_PACKAGES); do \
+		dpkg -s $$package >/dev/null 2>&1 || echo $$package; done); \
+	if [ -n "$$missing" ]; then \
+		echo "Installing Debian packages for Bazel:" $$missing; \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y $$missing; \
+	fi
 	bash bazel/build_and_test.sh
 
 # Removes build outputs and training runs; keeps .venv (see distclean).
