@@ -15,13 +15,18 @@ these ops.
 >>> y = conv2d(x, kernel, strides=1, padding="SAME", name="conv1")
 """
 
+import logging
+
 import tensorflow as tf
 
 from keras_dfp import _loader
 
 _ops = _loader.load_ops_library()
 
+_logger = logging.getLogger(__name__)
+
 ROUNDING_MODES = ("nearest_even", "stochastic")
+KERNEL_PATHS = ("auto", "avx512_vnni", "avx2", "portable")
 PADDINGS = ("SAME", "VALID")
 
 # Stochastic rounding of the activation, weight and gradient of one op uses
@@ -36,6 +41,7 @@ for _op_type in (
     "KerasDfp>Conv2DBackpropInput",
     "KerasDfp>Conv2DBackpropFilter",
     "KerasDfp>MatMul",
+    "KerasDfp>KernelPath",
 ):
     # The raw ops have integer operands, so gradients flow only through the
     # tf.custom_gradient wrappers below.
@@ -204,6 +210,56 @@ def matmul_int(a_m, a_e, b_m, b_e, transpose_a=False, transpose_b=False):
         transpose_a=transpose_a,
         transpose_b=transpose_b,
     )
+
+
+def _run_kernel_path_op(requested):
+    active, supported = _ops.keras_dfp_kernel_path(tf.constant(requested, tf.string))
+    return active.numpy().decode(), tuple(
+        name.decode() for name in supported.numpy()
+    )
+
+
+def supported_kernel_paths():
+    """Return the int16 GEMM kernel paths this machine supports, best first.
+
+    The paths are "avx512_vnni", "avx2" and "portable" (always supported).
+    All of them give bit-identical results.
+    """
+    return _run_kernel_path_op("")[1]
+
+
+def get_kernel_path():
+    """Return the name of the int16 GEMM kernel path that the ops use now.
+
+    The first op call selects it from the environment variable
+    KERAS_DFP_KERNEL_PATH (default "auto": the best supported path).
+    """
+    return _run_kernel_path_op("")[0]
+
+
+def set_kernel_path(name):
+    """Select the int16 GEMM kernel path for every later op call in the process.
+
+    `name` is "auto" (the best path the CPU supports) or one of
+    `supported_kernel_paths()`. Returns the name of the active path.
+
+    Raises:
+        ValueError: if `name` is unknown or the CPU lacks that path.
+    """
+    if name not in KERNEL_PATHS:
+        raise ValueError(
+            f"Expected a kernel path in {KERNEL_PATHS}. Received: name={name!r}"
+        )
+    supported = supported_kernel_paths()
+    if name != "auto" and name not in supported:
+        raise ValueError(
+            f"Expected a kernel path this CPU supports: {supported} or 'auto'. "
+            f"Received: name={name!r}, which needs instructions that this CPU "
+            f"or operating system does not provide."
+        )
+    active = _run_kernel_path_op(name)[0]
+    _logger.info("keras-dfp int16 GEMM kernel path: %s", active)
+    return active
 
 
 def _operand_seeds(seed):

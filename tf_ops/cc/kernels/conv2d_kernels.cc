@@ -23,6 +23,7 @@
 #include "tf_ops/cc/reduction_guard.h"
 #include "tf_ops/cc/dfp16_numerics.h"
 #include "tf_ops/cc/kernels/gemm_s16s16s64.h"
+#include "tf_ops/cc/kernels/kernel_path.h"
 #include "tf_ops/cc/kernels/kernel_utils.h"
 
 namespace keras_dfp {
@@ -280,6 +281,8 @@ class Conv2DOp : public ConvOpBase {
 
   void Compute(OpKernelContext* ctx) override {
     GradualUnderflowScope gradual_underflow;
+    KernelPath path = KernelPath::kPortable;
+    OP_REQUIRES_OK(ctx, GetActiveKernelPath(&path));
     const Tensor& input = ctx->input(0);
     const Tensor& filter = ctx->input(2);
     int32_t input_exponent = 0;
@@ -305,7 +308,7 @@ class Conv2DOp : public ConvOpBase {
 
     // The filter, viewed as [patch_size][out_c], is the transposed right-hand
     // operand: row o contains F[.][o] with stride out_c.
-    PackedRhsS16 packed_filter;
+    PackedRhsS16 packed_filter(path);
     packed_filter.Pack(filter.flat<int16_t>().data(), p.out_c, p.patch_size(),
                        /*row_stride=*/1, /*k_stride=*/p.out_c);
     RunForwardConv(ctx, p, input.flat<int16_t>().data(), packed_filter,
@@ -319,6 +322,8 @@ class Conv2DBackpropInputOp : public ConvOpBase {
 
   void Compute(OpKernelContext* ctx) override {
     GradualUnderflowScope gradual_underflow;
+    KernelPath path = KernelPath::kPortable;
+    OP_REQUIRES_OK(ctx, GetActiveKernelPath(&path));
     const Tensor& filter = ctx->input(1);
     const Tensor& out_backprop = ctx->input(3);
     TensorShape input_shape;
@@ -352,7 +357,7 @@ class Conv2DBackpropInputOp : public ConvOpBase {
     const int64_t exponent = int64_t{filter_exponent} + grad_exponent;
     if (p.attrs.stride_h == 1 && p.attrs.stride_w == 1) {
       const ConvProblem transposed = TransposedStrideOneProblem(p);
-      PackedRhsS16 flipped_filter;
+      PackedRhsS16 flipped_filter(path);
       PackFlippedFilter(p, filter.flat<int16_t>().data(), &flipped_filter);
       RunForwardConv(ctx, transposed, grad, flipped_filter, exponent, out);
       return;
@@ -360,7 +365,7 @@ class Conv2DBackpropInputOp : public ConvOpBase {
 
     // Strided case: GEMM into columns, then col2im. The filter viewed as
     // [patch_size][out_c] is already K-contiguous.
-    PackedRhsS16 packed_filter;
+    PackedRhsS16 packed_filter(path);
     packed_filter.Pack(filter.flat<int16_t>().data(), p.patch_size(), p.out_c,
                        /*row_stride=*/p.out_c, /*k_stride=*/1);
 
@@ -401,6 +406,8 @@ class Conv2DBackpropFilterOp : public ConvOpBase {
 
   void Compute(OpKernelContext* ctx) override {
     GradualUnderflowScope gradual_underflow;
+    KernelPath path = KernelPath::kPortable;
+    OP_REQUIRES_OK(ctx, GetActiveKernelPath(&path));
     const Tensor& input = ctx->input(0);
     const Tensor& out_backprop = ctx->input(3);
     TensorShape filter_shape;
@@ -445,7 +452,7 @@ class Conv2DBackpropFilterOp : public ConvOpBase {
     ParallelFor(ctx, parts, cost, [&](int64_t begin, int64_t end) {
       std::vector<int16_t> patch_rows(chunk_positions * patch_size);
       std::vector<int16_t> patch_columns(chunk_positions * patch_size);
-      PackedRhsS16 packed_grad;
+      PackedRhsS16 packed_grad(path);
       for (int64_t part = begin; part < end; ++part) {
         std::vector<int64_t>& sums = partials[part];
         sums.assign(out_count, 0);

@@ -3,24 +3,65 @@
 #include <algorithm>
 #include <cstring>
 
+#include "tf_ops/cc/kernels/gemm_s16s16s64_paths.h"
+
 namespace keras_dfp {
+
+namespace {
+
+// Returns the panel width of the layout of `path`.
+int64_t PanelWidth(KernelPath path) {
+  switch (path) {
+    case KernelPath::kAvx512Vnni:
+      return kAvx512VnniPanelWidth;
+    case KernelPath::kAvx2:
+      return kAvx2PanelWidth;
+    case KernelPath::kPortable:
+      break;
+  }
+  return kGemmTileN;
+}
+
+}  // namespace
 
 void PackedRhsS16::Pack(const int16_t* b, int64_t n, int64_t k_size,
                         int64_t row_stride, int64_t k_stride) {
   rows_ = n;
-  padded_rows_ = (n + kGemmTileN - 1) / kGemmTileN * kGemmTileN;
+  panel_width_ = PanelWidth(path_);
+  padded_rows_ = (n + panel_width_ - 1) / panel_width_ * panel_width_;
   depth_ = k_size;
-  high_.assign(padded_rows_ * k_size, 0);
-  low_.assign(padded_rows_ * k_size, 0);
+  if (path_ == KernelPath::kPortable) {
+    high_.assign(padded_rows_ * k_size, 0);
+    low_.assign(padded_rows_ * k_size, 0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int16_t* src = b + j * row_stride;
+      int16_t* high_row = high_.data() + j * k_size;
+      int16_t* low_row = low_.data() + j * k_size;
+      for (int64_t k = 0; k < k_size; ++k) {
+        const int32_t value = src[k * k_stride];
+        // Arithmetic shift: value = 256 * (value >> 8) + (value & 255).
+        high_row[k] = static_cast<int16_t>(value >> 8);
+        low_row[k] = static_cast<int16_t>(value & 255);
+      }
+    }
+    return;
+  }
+
+  // Vector layouts (see the class comment): one pair block holds the high
+  // half [panel_width][2] and then the low half [panel_width][2].
+  const int64_t half = panel_width_ * 2;
+  const int64_t stride = panel_stride();
+  high_.assign(padded_rows_ / panel_width_ * stride, 0);
+  low_.clear();
   for (int64_t j = 0; j < n; ++j) {
     const int16_t* src = b + j * row_stride;
-    int16_t* high_row = high_.data() + j * k_size;
-    int16_t* low_row = low_.data() + j * k_size;
+    int16_t* column = high_.data() + (j / panel_width_) * stride +
+                      2 * (j % panel_width_);
     for (int64_t k = 0; k < k_size; ++k) {
       const int32_t value = src[k * k_stride];
-      // Arithmetic shift: value = 256 * (value >> 8) + (value & 255).
-      high_row[k] = static_cast<int16_t>(value >> 8);
-      low_row[k] = static_cast<int16_t>(value & 255);
+      int16_t* pair_block = column + (k / 2) * 2 * half + (k & 1);
+      pair_block[0] = static_cast<int16_t>(value >> 8);
+      pair_block[half] = static_cast<int16_t>(value & 255);
     }
   }
 }
@@ -110,6 +151,16 @@ void GemmS16S16S64(const int16_t* a, int64_t lda, int64_t m,
     for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0);
   }
   if (m == 0 || n == 0 || k_size == 0) return;
+  switch (b.path()) {
+    case KernelPath::kAvx512Vnni:
+      GemmS16S16S64Avx512Vnni(a, lda, m, b, c, ldc);
+      return;
+    case KernelPath::kAvx2:
+      GemmS16S16S64Avx2(a, lda, m, b, c, ldc);
+      return;
+    case KernelPath::kPortable:
+      break;
+  }
 
   // Cache blocking: one panel of packed B (depth range x row range) is
   // reused by every row tile of A. Within a panel, each output tile runs

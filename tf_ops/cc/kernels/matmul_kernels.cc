@@ -9,6 +9,7 @@
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tf_ops/cc/reduction_guard.h"
 #include "tf_ops/cc/kernels/gemm_s16s16s64.h"
+#include "tf_ops/cc/kernels/kernel_path.h"
 #include "tf_ops/cc/kernels/kernel_utils.h"
 
 namespace keras_dfp {
@@ -31,6 +32,8 @@ class MatMulOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     GradualUnderflowScope gradual_underflow;
+    KernelPath path = KernelPath::kPortable;
+    OP_REQUIRES_OK(ctx, GetActiveKernelPath(&path));
     const Tensor& a = ctx->input(0);
     const Tensor& b = ctx->input(2);
     int32_t a_exponent = 0;
@@ -73,7 +76,7 @@ class MatMulOp : public OpKernel {
       TransposeBlocked(a_data, k, m, a_rows.data());
       a_data = a_rows.data();
     }
-    PackedRhsS16 packed_b;
+    PackedRhsS16 packed_b(path);
     if (transpose_b_) {
       packed_b.Pack(b.flat<int16_t>().data(), n, k, /*row_stride=*/k,
                     /*k_stride=*/1);
