@@ -262,6 +262,33 @@ def set_kernel_path(name):
     return active
 
 
+def _first_order_only(gradients, name, sources):
+    """Return `gradients` unchanged, but raise if anything differentiates them.
+
+    The INT16 backward ops take integer mantissas, so TensorFlow would return
+    None for a second-order gradient (for example a gradient penalty) instead
+    of the true value. The identity below lists the float `sources` the
+    gradients depend on (forward inputs and output gradient) as its inputs, so
+    an outer tape sees the dependency and calls its gradient, which raises.
+    """
+
+    @tf.custom_gradient
+    def identity(*values):
+        def grad(*_):
+            raise NotImplementedError(
+                f"Second-order gradients through the DFP16 op '{name}' are not "
+                "supported: its backward pass runs INT16 ops on integer "
+                "mantissas, which have no gradient. Received: a gradient of "
+                f"the gradient of '{name}'. Compute it in float32, for example "
+                "by giving the layer dtype='float32'."
+            )
+
+        outputs = [tf.identity(value) for value in values[: len(gradients)]]
+        return outputs, grad
+
+    return identity(*gradients, *sources)
+
+
 def _operand_seeds(seed):
     seed = _as_seed(seed)
     return (
@@ -313,7 +340,7 @@ def conv2d(
             dw = conv2d_backprop_filter_int(
                 x_m, x_e, tf.shape(kernel, out_type=tf.int32), dy_m, dy_e, **attrs
             )
-            return dx, dw
+            return _first_order_only((dx, dw), name, (x, kernel, dy))
 
         return y, grad
 
@@ -352,7 +379,7 @@ def matmul(a, b, rounding="nearest_even", seed=0, name=None):
             dy_m, dy_e = quantize(dy, rounding, dy_seed, f"{name} (gradient)")
             da = matmul_int(dy_m, dy_e, b_m, b_e, transpose_b=True)
             db = matmul_int(a_m, a_e, dy_m, dy_e, transpose_a=True)
-            return da, db
+            return _first_order_only((da, db), name, (a, b, dy))
 
         return y, grad
 
