@@ -23,12 +23,15 @@ change and every layer without a `DFPPolicy` runs the original Keras method:
   keras_dfp then fails with "Cannot convert 'keras_dfp>dfp16' ...", which
   names the package, where the registered-class form would fail with an
   AttributeError on a str.
+- `BaseOptimizer.apply` makes every update of a traced train step wait for
+  all gradients, so a step that fails on a non-finite gradient updates no
+  variable (see `_patch_optimizer_apply`).
 """
 
 import functools
+import hashlib
 import inspect
 import logging
-import zlib
 
 import keras
 import tensorflow as tf
@@ -36,6 +39,7 @@ from tensorflow.python.ops import control_flow_util
 from keras.src.backend.tensorflow import trainer as tf_trainer_module
 from keras.src import dtype_policies as dtype_policies_module
 from keras.src.dtype_policies import dtype_policy as dtype_policy_module
+from keras.src.optimizers.base_optimizer import BaseOptimizer
 from keras.src.dtype_policies.dtype_policy_map import DTypePolicyMap
 from keras.src.layers.convolutional.base_conv import BaseConv
 from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
@@ -141,9 +145,23 @@ def check_dense_supported(layer):
     _check_lora(layer)
 
 
+def _layer_rounding_key(policy, layer):
+    """Return an int64 key that mixes the full policy seed with the layer name.
+
+    Every op seed of the layer is XORed with this key, so two policy seeds or
+    two layer names give different rounding streams even if the 31-bit seeds
+    of their Keras generators collide.
+    """
+    digest = hashlib.blake2b(
+        f"{policy.seed}/{layer.name}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 def _stochastic_seed_generator_seed(policy, layer):
-    # One generator per layer, so two layers never draw the same rounding bits.
-    return (policy.seed * 1_000_003 + zlib.crc32(layer.name.encode())) % (2**31)
+    # One generator per layer. Keras seed generators take 31-bit seeds, so the
+    # generator is started from the low bits of the layer key.
+    return _layer_rounding_key(policy, layer) % (2**31)
 
 
 def _create_seed_generator(layer):
@@ -171,10 +189,15 @@ def _rounding_args(layer):
             "rounding seed generator. Received: "
             f"dtype_policy={policy!r}. Set the policy before the layer is built."
         )
-    seed = keras.random.randint(
-        (), minval=0, maxval=2**31 - 1, dtype="int32", seed=generator
+    # Two 31-bit draws make a 62-bit per-call value; the layer key spreads it
+    # over all 64 bits of the op seed.
+    draws = keras.random.randint(
+        (2,), minval=0, maxval=2**31 - 1, dtype="int32", seed=generator
     )
-    return policy.rounding, tf.cast(seed, tf.int64)
+    draws = tf.cast(draws, tf.int64)
+    per_call = tf.bitwise.bitwise_or(tf.bitwise.left_shift(draws[0], 31), draws[1])
+    key = tf.constant(_layer_rounding_key(policy, layer), tf.int64)
+    return policy.rounding, tf.bitwise.bitwise_xor(per_call, key)
 
 
 def _check_not_in_xla(layer, op_name):
@@ -452,6 +475,41 @@ def _guard_make_function(trainer_class, method_name):
     setattr(trainer_class, method_name, make_function)
 
 
+def _gradient_tensors(grads):
+    """Return the dense tensors of `grads`, skipping None."""
+    tensors = []
+    for grad in grads:
+        if isinstance(grad, tf.IndexedSlices):
+            tensors.append(grad.values)
+        elif grad is not None:
+            tensors.append(grad)
+    return tensors
+
+
+def _patch_optimizer_apply():
+    """Make every optimizer update of a traced step wait for all gradients.
+
+    In a traced train step TensorFlow may run a variable's update, and the
+    optimizer's iteration count, as soon as their own inputs are ready. A DFP16
+    quantize op that fails later in the same step (for example on a NaN output
+    gradient) would then leave earlier updates applied, such as a bias whose
+    float32 gradient did not pass through a DFP16 op. With every op of `apply`
+    depending on every gradient, a failing step changes no variable.
+    """
+    original_apply = BaseOptimizer.apply
+
+    @functools.wraps(original_apply)
+    def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        tensors = _gradient_tensors(grads)
+        if tf.executing_eagerly() or not tensors:
+            return original_apply(self, grads, trainable_variables)
+        with tf.control_dependencies(tensors):
+            return original_apply(self, grads, trainable_variables)
+
+    BaseOptimizer.apply = apply
+
+
 def install():
     """Install every Keras patch once. Later calls do nothing."""
     global _installed
@@ -464,4 +522,5 @@ def install():
     _patch_unsupported_layers()
     _patch_quantize()
     _patch_xla()
+    _patch_optimizer_apply()
     _installed = True

@@ -14,6 +14,8 @@ own post-training quantization (`Layer.quantized_call`), which is a different
 scheme.
 """
 
+import re
+
 import keras
 
 POLICY_NAME = "dfp16"
@@ -28,6 +30,11 @@ _SEED_PREFIX = _STOCHASTIC_PREFIX + "_seed"
 # Layer configs store the policy name with this prefix (see `serialized_name`),
 # so Keras without keras_dfp fails with a message that names the package.
 SERIALIZED_PREFIX = "keras_dfp>"
+
+# Stochastic-rounding seeds are int64 values, as the KerasDfp>Quantize seed input.
+MIN_SEED = -(2**63)
+MAX_SEED = 2**63 - 1
+_CANONICAL_SEED = re.compile(r"-?[1-9][0-9]*")
 
 
 def policy_name(rounding, seed):
@@ -60,10 +67,15 @@ def parse_policy_name(name):
     if name == _STOCHASTIC_PREFIX:
         return "stochastic", 0
     if name.startswith(_SEED_PREFIX):
-        try:
-            return "stochastic", int(name[len(_SEED_PREFIX) :])
-        except ValueError:
+        digits = name[len(_SEED_PREFIX) :]
+        # Only the canonical spelling of policy_name(): no sign other than
+        # "-", no leading zeros, no spaces, so each seed has exactly one name.
+        if not _CANONICAL_SEED.fullmatch(digits):
             return None
+        seed = int(digits)
+        if not MIN_SEED <= seed <= MAX_SEED:
+            return None
+        return "stochastic", seed
     return None
 
 
@@ -129,6 +141,12 @@ class DFPPolicy(keras.DTypePolicy):
             raise TypeError(
                 "Expected `seed` to be a Python int. "
                 f"Received: seed={seed!r} (of type {type(seed).__name__})"
+            )
+        if not MIN_SEED <= seed <= MAX_SEED:
+            raise ValueError(
+                f"Expected `seed` to fit in int64, [{MIN_SEED}, {MAX_SEED}]. "
+                f"Received: seed={seed}. Reduce it, for example with "
+                "seed % 2**63."
             )
 
         self._rounding = rounding
