@@ -40,7 +40,27 @@ $(DEPS_STAMP): Makefile
 	$(VENV_PIP) install $(DEPS)
 	touch $@
 
-build: $(OPS_LIBRARY)
+# A library built for another TensorFlow version (after a TensorFlow upgrade in .venv)
+# is removed first, so the rule below rebuilds it.
+build: $(DEPS_STAMP)
+	@$(VENV_PYTHON) -c "$$CHECK_BUILT_TF" || rm -f $(OPS_LIBRARY)
+	@$(MAKE) --no-print-directory $(OPS_LIBRARY)
+
+# Exits 1 when the recorded TensorFlow version of the library differs from the
+# installed one, without importing TensorFlow.
+define CHECK_BUILT_TF
+import importlib.metadata, json, sys
+try:
+    with open('keras_dfp/_keras_dfp_ops.build_info.json') as f:
+        built = json.load(f)['tensorflow_version']
+except (OSError, ValueError, KeyError):
+    sys.exit(0)
+installed = importlib.metadata.version('tensorflow')
+if built != installed:
+    print(f'The ops library was built for TensorFlow {built}; rebuilding it for {installed}.')
+    sys.exit(1)
+endef
+export CHECK_BUILT_TF
 
 # pip builds the ops library in place; touch gives it a time stamp newer than its
 # sources even when pip found nothing to rebuild.
