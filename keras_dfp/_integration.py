@@ -8,11 +8,19 @@ change and every layer without a `DFPPolicy` runs the original Keras method:
   name=None while the global policy is a `DFPPolicy`). Every string path
   (`set_dtype_policy`, `dtype_policies.get`, a layer's `dtype=`) goes through
   `DTypePolicy(name)`, so this one hook covers them all.
-- `BaseConv.convolution_op` calls `keras_dfp.ops.conv2d` and `Dense.call` calls
-  `keras_dfp.ops.matmul`. Bias add and activation stay float32.
-- `build` of BaseConv, Dense and of the conv/dense layers without a DFP16 path
-  rejects unsupported options before any weight is created. The call-time
-  checks repeat them for a policy assigned after build.
+- Convolutions run as 2-D NHWC DFP16 ops; a 1-D layer becomes a 2-D one with
+  height 1. `BaseConv.convolution_op` and `Conv1D.call` (which handles
+  "causal" padding itself) call `keras_dfp.ops_extra.grouped_conv2d`.
+  `BaseDepthwiseConv.call` runs a grouped convolution with groups = channels,
+  `BaseSeparableConv.call` that followed by a 1x1 `keras_dfp.ops.conv2d`, and
+  `BaseConvTranspose.call` `keras_dfp.ops_extra.conv2d_transpose`.
+- `Dense.call` calls `keras_dfp.ops.matmul`, and `EinsumDense.call` rewrites
+  its equation into one `keras_dfp.ops.matmul` (`ops_extra.einsum_matmul`).
+  Bias add and activation stay float32.
+- The `build` of every patched layer rejects options without a DFP16 path
+  (3-D convolutions, channels_first, dilated transposed convolutions, LoRA,
+  einsum equations that are not one matmul) before any weight is created.
+  The call-time checks repeat them for a policy assigned after build.
 - `model_supports_jit`, the `jit_compile` setter and the TensorFlow trainer's
   `make_*_function` keep XLA away from models with DFP16 layers, because the
   custom ops have no XLA kernels.
@@ -36,6 +44,7 @@ import logging
 import keras
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
+from keras.src.backend.common.backend_utils import compute_conv_transpose_output_shape
 from keras.src.backend.tensorflow import trainer as tf_trainer_module
 from keras.src import dtype_policies as dtype_policies_module
 from keras.src.dtype_policies import dtype_policy as dtype_policy_module
@@ -45,12 +54,14 @@ from keras.src.layers.convolutional.base_conv import BaseConv
 from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
 from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+from keras.src.layers.convolutional.conv1d import Conv1D
 from keras.src.layers.core.dense import Dense
 from keras.src.layers.core.einsum_dense import EinsumDense
 from keras.src.layers.layer import Layer
 from keras.src.trainers import trainer as trainer_module
 
 from keras_dfp import ops
+from keras_dfp import ops_extra
 from keras_dfp.policy import POLICY_NAME
 from keras_dfp.policy import parse_policy_name
 from keras_dfp.policy import serialized_name
@@ -59,16 +70,8 @@ from keras_dfp.policy import DFPPolicy
 logger = logging.getLogger(__name__)
 
 _CONV_OP = "KerasDfp>Conv2D"
+_CONV_TRANSPOSE_OP = "KerasDfp>Conv2DBackpropInput"
 _MATMUL_OP = "KerasDfp>MatMul"
-
-# Layer classes that compute a convolution or matrix multiply but have no DFP16
-# path yet, with the reason shown in the error.
-_UNSUPPORTED_LAYER_CLASSES = (
-    (BaseConvTranspose, "transposed convolutions have no DFP16 kernel yet"),
-    (BaseDepthwiseConv, "depthwise convolutions have no DFP16 kernel yet"),
-    (BaseSeparableConv, "separable convolutions have no DFP16 kernel yet"),
-    (EinsumDense, "EinsumDense has no DFP16 kernel yet"),
-)
 
 _FLOAT_FIX = "Pass dtype='float32' to this layer to run it in float32."
 
@@ -89,21 +92,23 @@ def runs_dfp(layer):
 
 
 def dfp_op_name(layer):
-    """Return the custom op a DFP16 layer runs, or None for other layers."""
+    """Return the custom op a DFP16 layer runs forward, or None for other layers."""
     if not runs_dfp(layer):
         return None
-    if isinstance(layer, BaseConv):
+    if isinstance(layer, (BaseConv, BaseDepthwiseConv, BaseSeparableConv)):
         return _CONV_OP
-    if isinstance(layer, Dense):
+    if isinstance(layer, BaseConvTranspose):
+        return _CONV_TRANSPOSE_OP
+    if isinstance(layer, (Dense, EinsumDense)):
         return _MATMUL_OP
     return None
 
 
-def _unsupported_error(layer, reason, received):
+def _unsupported_error(layer, expected, reason, received):
     return ValueError(
-        f"Layer '{layer.name}' ({type(layer).__name__}) cannot run under the "
-        f"'{POLICY_NAME}' dtype policy because {reason}. Received: {received}. "
-        f"{_FLOAT_FIX}"
+        f"Expected {expected} for layer '{layer.name}' ({type(layer).__name__}) "
+        f"under the '{POLICY_NAME}' dtype policy, because {reason}. "
+        f"Received: {received}. {_FLOAT_FIX}"
     )
 
 
@@ -111,33 +116,47 @@ def _check_lora(layer):
     if layer.lora_rank or layer.lora_enabled:
         raise _unsupported_error(
             layer,
+            "no LoRA",
             "LoRA is not supported in DFP16 yet",
             f"lora_rank={layer.lora_rank}",
         )
 
 
-def check_conv_supported(layer):
-    """Raise ValueError if a BaseConv layer uses an option DFP16 lacks."""
-    if layer.rank != 2:
+def _check_rank_and_format(layer):
+    """Raise ValueError for a 3-D or channels_first convolution layer."""
+    if layer.rank not in (1, 2):
         raise _unsupported_error(
             layer,
-            "only 2-D convolutions (Conv2D) run in DFP16",
+            "a 1-D or 2-D convolution",
+            "the DFP16 ops are 2-D NHWC convolutions and 3-D convolutions "
+            "have no DFP16 kernel",
             f"rank={layer.rank}",
         )
     if layer.data_format != "channels_last":
         raise _unsupported_error(
             layer,
-            "the DFP16 convolution expects NHWC inputs (data_format="
-            "'channels_last')",
+            "data_format='channels_last'",
+            "the DFP16 convolution ops take NHWC inputs",
             f"data_format={layer.data_format!r}",
         )
-    if layer.groups != 1:
+
+
+def check_conv_supported(layer):
+    """Raise ValueError if a BaseConv layer uses an option DFP16 lacks."""
+    _check_rank_and_format(layer)
+    _check_lora(layer)
+
+
+def check_conv_transpose_supported(layer):
+    """Raise ValueError if a BaseConvTranspose layer uses an option DFP16 lacks."""
+    _check_rank_and_format(layer)
+    if any(rate != 1 for rate in layer.dilation_rate):
         raise _unsupported_error(
             layer,
-            "grouped convolutions have no DFP16 kernel yet",
-            f"groups={layer.groups}",
+            "dilation_rate=1",
+            "the DFP16 transposed convolution supports no dilation",
+            f"dilation_rate={layer.dilation_rate}",
         )
-    _check_lora(layer)
 
 
 def check_dense_supported(layer):
@@ -156,6 +175,19 @@ def _layer_rounding_key(policy, layer):
         f"{policy.seed}/{layer.name}".encode(), digest_size=8
     ).digest()
     return int.from_bytes(digest, "little", signed=True)
+
+
+def einsum_plan(layer, input_rank):
+    """Return the matmul plan of an EinsumDense layer, or raise ValueError."""
+    try:
+        return ops_extra.EinsumPlan(layer.equation, input_rank)
+    except ops_extra.UnsupportedEinsumError as error:
+        raise _unsupported_error(
+            layer,
+            ops_extra.EINSUM_FORM,
+            error.reason,
+            f"equation={layer.equation!r}",
+        ) from None
 
 
 def _stochastic_seed_generator_seed(policy, layer):
@@ -268,37 +300,237 @@ def _patch_policy_serialize():
     keras.dtype_policies.serialize = serialize
 
 
-def _patch_conv():
-    original_build = BaseConv.build
-    original_convolution_op = BaseConv.convolution_op
+def _spatial_2d(values):
+    """Return a 1-D (w,) or 2-D (h, w) tuple of ints as a 2-D [h, w] list."""
+    values = list(values)
+    return [1] + values if len(values) == 1 else values
 
-    @functools.wraps(original_build)
-    def build(self, input_shape):
-        if runs_dfp(self):
-            check_conv_supported(self)
-            _create_seed_generator(self)
-        return original_build(self, input_shape)
+
+def _to_nhwc(layer, inputs, kernels):
+    """Return float32 NHWC inputs and 4-D kernels for a 1-D or 2-D layer.
+
+    A 1-D layer runs as a 2-D one with height 1: inputs [N, W, C] become
+    [N, 1, W, C] and kernels [K, ...] become [1, K, ...].
+    """
+    inputs = _float32_input(inputs)
+    kernels = [tf.convert_to_tensor(kernel) for kernel in kernels]
+    if layer.rank == 1:
+        inputs = tf.expand_dims(inputs, 1)
+        kernels = [tf.expand_dims(kernel, 0) for kernel in kernels]
+    return inputs, kernels
+
+
+def _from_nhwc(layer, outputs):
+    return tf.squeeze(outputs, 1) if layer.rank == 1 else outputs
+
+
+def _bias_and_activation(layer, outputs):
+    # Channels are last, so the bias broadcasts without a reshape.
+    if layer.bias is not None:
+        outputs = tf.add(outputs, layer.bias)
+    if layer.activation is not None:
+        outputs = layer.activation(outputs)
+    return outputs
+
+
+def _conv(layer, inputs, kernel, padding):
+    """Run a 1-D or 2-D, possibly grouped, DFP16 convolution of a BaseConv layer."""
+    check_conv_supported(layer)
+    _check_not_in_xla(layer, _CONV_OP)
+    inputs, (kernel,) = _to_nhwc(layer, inputs, [kernel])
+    rounding, seed = _rounding_args(layer)
+    outputs = ops_extra.grouped_conv2d(
+        inputs,
+        kernel,
+        groups=layer.groups,
+        strides=_spatial_2d(layer.strides),
+        padding=padding.upper(),
+        dilations=_spatial_2d(layer.dilation_rate),
+        rounding=rounding,
+        seed=seed,
+        name=layer.name,
+    )
+    return _from_nhwc(layer, outputs)
+
+
+def _dfp_build(check):
+    """Return a `build` wrapper that checks options and creates the seed generator."""
+
+    def wrap(original_build):
+        @functools.wraps(original_build)
+        def build(self, input_shape):
+            if runs_dfp(self):
+                check(self, input_shape)
+                _create_seed_generator(self)
+            return original_build(self, input_shape)
+
+        return build
+
+    return wrap
+
+
+def _patch_conv():
+    original_convolution_op = BaseConv.convolution_op
+    original_conv1d_call = Conv1D.call
 
     @functools.wraps(original_convolution_op)
     def convolution_op(self, inputs, kernel):
         if not runs_dfp(self):
             return original_convolution_op(self, inputs, kernel)
-        check_conv_supported(self)
-        _check_not_in_xla(self, _CONV_OP)
+        return _conv(self, inputs, kernel, self.padding)
+
+    # Conv1D.call calls keras.ops.conv itself instead of convolution_op, and
+    # implements "causal" padding: pad dilation * (kernel - 1) steps on the
+    # left, then a VALID convolution.
+    @functools.wraps(original_conv1d_call)
+    def conv1d_call(self, inputs):
+        if not runs_dfp(self):
+            return original_conv1d_call(self, inputs)
+        padding = self.padding
+        if padding == "causal":
+            inputs = tf.pad(_float32_input(inputs), self._compute_causal_padding())
+            padding = "valid"
+        outputs = _conv(self, inputs, self.kernel, padding)
+        return _bias_and_activation(self, outputs)
+
+    BaseConv.build = _dfp_build(lambda layer, _: check_conv_supported(layer))(
+        BaseConv.build
+    )
+    BaseConv.convolution_op = convolution_op
+    Conv1D.call = conv1d_call
+
+
+def _conv_transpose_output_shape(layer, inputs):
+    """Return the output shape that stock Keras computes, with a dynamic batch."""
+    input_shape = list(inputs.shape)
+    dynamic_shape = tf.shape(inputs)
+    for axis, size in enumerate(input_shape):
+        if size is None:
+            input_shape[axis] = dynamic_shape[axis]
+    return compute_conv_transpose_output_shape(
+        input_shape,
+        layer.kernel_size,
+        layer.filters,
+        layer.strides,
+        layer.padding,
+        layer.output_padding,
+        layer.data_format,
+        layer.dilation_rate,
+    )
+
+
+def _patch_conv_transpose():
+    original_call = BaseConvTranspose.call
+
+    @functools.wraps(original_call)
+    def call(self, inputs):
+        if not runs_dfp(self):
+            return original_call(self, inputs)
+        check_conv_transpose_supported(self)
+        _check_not_in_xla(self, _CONV_TRANSPOSE_OP)
+        output_shape = _conv_transpose_output_shape(self, _float32_input(inputs))
+        if self.rank == 1:
+            output_shape = [output_shape[0], 1, *output_shape[1:]]
+        inputs, (kernel,) = _to_nhwc(self, inputs, [self.kernel])
         rounding, seed = _rounding_args(self)
-        return ops.conv2d(
-            _float32_input(inputs),
+        outputs = ops_extra.conv2d_transpose(
+            inputs,
             kernel,
-            strides=list(self.strides),
+            output_shape,
+            strides=_spatial_2d(self.strides),
             padding=self.padding.upper(),
-            dilations=list(self.dilation_rate),
-            name=self.name,
             rounding=rounding,
             seed=seed,
+            name=self.name,
         )
+        return _bias_and_activation(self, _from_nhwc(self, outputs))
 
-    BaseConv.build = build
-    BaseConv.convolution_op = convolution_op
+    BaseConvTranspose.build = _dfp_build(
+        lambda layer, _: check_conv_transpose_supported(layer)
+    )(BaseConvTranspose.build)
+    BaseConvTranspose.call = call
+
+
+def _depthwise_conv(layer, inputs, kernel, name, rounding, seed):
+    """Run a depthwise convolution on NHWC inputs as a grouped convolution.
+
+    The depthwise kernel [KH, KW, C, M] reshaped to [KH, KW, 1, C * M] is the
+    grouped kernel with groups = C, because output channel c * M + m of a
+    depthwise convolution reads input channel c only.
+    """
+    kernel_h, kernel_w, channels, multiplier = kernel.shape
+    grouped_kernel = tf.reshape(kernel, [kernel_h, kernel_w, 1, channels * multiplier])
+    return ops_extra.grouped_conv2d(
+        inputs,
+        grouped_kernel,
+        groups=channels,
+        strides=_spatial_2d(layer.strides),
+        padding=layer.padding.upper(),
+        dilations=_spatial_2d(layer.dilation_rate),
+        rounding=rounding,
+        seed=seed,
+        name=name,
+    )
+
+
+def _patch_depthwise_conv():
+    original_call = BaseDepthwiseConv.call
+
+    @functools.wraps(original_call)
+    def call(self, inputs):
+        if not runs_dfp(self):
+            return original_call(self, inputs)
+        _check_rank_and_format(self)
+        _check_not_in_xla(self, _CONV_OP)
+        inputs, (kernel,) = _to_nhwc(self, inputs, [self.kernel])
+        rounding, seed = _rounding_args(self)
+        outputs = _depthwise_conv(self, inputs, kernel, self.name, rounding, seed)
+        return _bias_and_activation(self, _from_nhwc(self, outputs))
+
+    BaseDepthwiseConv.build = _dfp_build(
+        lambda layer, _: _check_rank_and_format(layer)
+    )(BaseDepthwiseConv.build)
+    BaseDepthwiseConv.call = call
+
+
+def _patch_separable_conv():
+    original_call = BaseSeparableConv.call
+
+    @functools.wraps(original_call)
+    def call(self, inputs):
+        if not runs_dfp(self):
+            return original_call(self, inputs)
+        _check_rank_and_format(self)
+        _check_not_in_xla(self, _CONV_OP)
+        inputs, (depthwise_kernel, pointwise_kernel) = _to_nhwc(
+            self, inputs, [self.depthwise_kernel, self.pointwise_kernel]
+        )
+        # Each of the two convolutions draws its own stochastic rounding seed.
+        rounding, depthwise_seed = _rounding_args(self)
+        _, pointwise_seed = _rounding_args(self)
+        depthwise_outputs = _depthwise_conv(
+            self,
+            inputs,
+            depthwise_kernel,
+            f"{self.name}/depthwise",
+            rounding,
+            depthwise_seed,
+        )
+        outputs = ops.conv2d(
+            depthwise_outputs,
+            pointwise_kernel,
+            strides=1,
+            padding="VALID",
+            rounding=rounding,
+            seed=pointwise_seed,
+            name=f"{self.name}/pointwise",
+        )
+        return _bias_and_activation(self, _from_nhwc(self, outputs))
+
+    BaseSeparableConv.build = _dfp_build(
+        lambda layer, _: _check_rank_and_format(layer)
+    )(BaseSeparableConv.build)
+    BaseSeparableConv.call = call
 
 
 def _dense_matmul(layer, inputs, kernel):
@@ -347,24 +579,29 @@ def _patch_dense():
     Dense.call = call
 
 
-def _patch_unsupported_layers():
-    for layer_class, reason in _UNSUPPORTED_LAYER_CLASSES:
-        _reject_under_dfp(layer_class, "build", reason)
-        _reject_under_dfp(layer_class, "call", reason)
+def _patch_einsum_dense():
+    original_call = EinsumDense.call
 
+    def check(layer, input_shape):
+        _check_lora(layer)
+        einsum_plan(layer, len(input_shape))
 
-def _reject_under_dfp(layer_class, method_name, reason):
-    original = getattr(layer_class, method_name)
+    @functools.wraps(original_call)
+    def call(self, inputs, training=None):
+        if not runs_dfp(self):
+            return original_call(self, inputs, training=training)
+        _check_lora(self)
+        _check_not_in_xla(self, _MATMUL_OP)
+        inputs = _float32_input(inputs)
+        plan = einsum_plan(self, inputs.shape.rank)
+        rounding, seed = _rounding_args(self)
+        outputs = ops_extra.einsum_matmul(
+            plan, inputs, self.kernel, rounding=rounding, seed=seed, name=self.name
+        )
+        return _bias_and_activation(self, outputs)
 
-    @functools.wraps(original)
-    def method(self, *args, **kwargs):
-        if runs_dfp(self):
-            raise _unsupported_error(
-                self, reason, f"dtype_policy={effective_policy(self)!r}"
-            )
-        return original(self, *args, **kwargs)
-
-    setattr(layer_class, method_name, method)
+    EinsumDense.build = _dfp_build(check)(EinsumDense.build)
+    EinsumDense.call = call
 
 
 def _patch_quantize():
@@ -375,6 +612,7 @@ def _patch_quantize():
         if runs_dfp(self):
             raise _unsupported_error(
                 self,
+                "no Keras post-training quantization",
                 "Keras post-training quantization cannot be combined with DFP16 "
                 "training",
                 f"mode={mode!r}",
@@ -519,7 +757,10 @@ def install():
     _patch_policy_serialize()
     _patch_conv()
     _patch_dense()
-    _patch_unsupported_layers()
+    _patch_conv_transpose()
+    _patch_depthwise_conv()
+    _patch_separable_conv()
+    _patch_einsum_dense()
     _patch_quantize()
     _patch_xla()
     _patch_optimizer_apply()

@@ -295,18 +295,13 @@ def test_stochastic_rounding_differs_from_nearest():
 @pytest.mark.parametrize(
     "make_layer, input_shape, message",
     [
-        (lambda: keras.layers.Conv1D(2, 3), (2, 8, 3), r"'conv1d\w*' \(Conv1D\).*only 2-D convolutions.*rank=1"),
-        (lambda: keras.layers.Conv3D(2, 3), (1, 4, 4, 4, 3), r"\(Conv3D\).*only 2-D.*rank=3"),
-        (lambda: keras.layers.Conv2D(4, 3, groups=2), (1, 6, 6, 4), r"grouped convolutions.*groups=2"),
+        (lambda: keras.layers.Conv3D(2, 3), (1, 4, 4, 4, 3), r"1-D or 2-D convolution.*\(Conv3D\).*rank=3"),
         (
             lambda: keras.layers.Conv2D(2, 3, data_format="channels_first"),
             (1, 3, 6, 6),
             r"channels_last.*Received: data_format='channels_first'",
         ),
-        (lambda: keras.layers.Conv2DTranspose(2, 3), (1, 6, 6, 3), r"\(Conv2DTranspose\).*transposed convolutions"),
-        (lambda: keras.layers.DepthwiseConv2D(3), (1, 6, 6, 3), r"\(DepthwiseConv2D\).*depthwise"),
-        (lambda: keras.layers.SeparableConv2D(2, 3), (1, 6, 6, 3), r"\(SeparableConv2D\).*separable"),
-        (lambda: keras.layers.EinsumDense("ab,bc->ac", output_shape=2), (2, 3), r"\(EinsumDense\)"),
+        (lambda: keras.layers.EinsumDense("abc,acd->abd", output_shape=(None, 2)), (2, 3, 4), r"\(EinsumDense\).*equation='abc,acd->abd'"),
         (lambda: keras.layers.Dense(2, lora_rank=2), (2, 3), r"\(Dense\).*LoRA.*lora_rank=2"),
         (lambda: keras.layers.Conv2D(2, 3, lora_rank=2), (1, 6, 6, 3), r"\(Conv2D\).*LoRA.*lora_rank=2"),
     ],
@@ -320,9 +315,28 @@ def test_unsupported_option_rejected_at_build(make_layer, input_shape, message):
 
 
 def test_unsupported_layer_runs_as_float32():
-    layer = keras.layers.Conv1D(2, 3, dtype="float32")
+    layer = keras.layers.Conv3D(2, 3, dtype="float32")
     keras.config.set_dtype_policy("dfp16")
-    assert layer(_images((2, 8, 3))).shape == (2, 6, 2)
+    assert layer(_images((1, 4, 4, 4, 3))).shape == (1, 2, 2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "make_layer, input_shape, op_name",
+    [
+        (lambda: keras.layers.Conv1D(2, 3), (2, 8, 3), "KerasDfp>Conv2D"),
+        (lambda: keras.layers.Conv2D(4, 3, groups=2), (1, 6, 6, 4), "KerasDfp>Conv2D"),
+        (lambda: keras.layers.Conv2DTranspose(2, 3), (1, 6, 6, 3), "KerasDfp>Conv2DBackpropInput"),
+        (lambda: keras.layers.DepthwiseConv2D(3), (1, 6, 6, 3), "KerasDfp>Conv2D"),
+        (lambda: keras.layers.SeparableConv2D(2, 3), (1, 6, 6, 3), "KerasDfp>Conv2D"),
+        (lambda: keras.layers.EinsumDense("ab,bc->ac", output_shape=2), (2, 3), "KerasDfp>MatMul"),
+    ],
+)
+def test_conv_family_layer_builds_under_policy(make_layer, input_shape, op_name):
+    keras.config.set_dtype_policy("dfp16")
+    layer = make_layer()
+    layer.build(input_shape)
+    assert layer.built
+    assert keras_dfp._integration.dfp_op_name(layer) == op_name
 
 
 def test_lora_enabled_after_build_rejected():
