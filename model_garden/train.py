@@ -7,12 +7,19 @@ Usage (from the repository root):
     python -m model_garden.train --data=/data/cifar10 --epochs=30
 
 The run writes `<model_dir>/<model>.keras` (the trained model) and
-`<model_dir>/summary.json` (settings, seconds per epoch, test accuracy and loss, versions).
+`<model_dir>/summary.json` (settings, seconds per epoch, test accuracy and loss, versions),
+replacing those files if an earlier run left them there.
+
+absl reports flag parsing errors, such as --seed=-1. A flag value that parses but that the
+run cannot use, for example unreadable --data records or an unwritable --model_dir, is
+logged as one error line, and the run exits with status 2.
 """
 
 import json
 import math
 import os
+import sys
+import tempfile
 import time
 
 from absl import app
@@ -32,7 +39,8 @@ _DATA = flags.DEFINE_string(
     "",
     "Training and test data: a directory with train-*.tfrecord and test-*.tfrecord shards "
     "(for example /data/cifar10), a glob that may contain {split}, or empty "
-    "for the embedded 5,000/1,000-record sample.",
+    "for the embedded 5,000/1,000-record sample. Each record is a tf.train.Example with "
+    "image/encoded (JPEG bytes) and image/class/label (int64 in [0, 9]).",
 )
 _POLICY = flags.DEFINE_enum(
     "policy", "dfp16", POLICIES,
@@ -44,8 +52,12 @@ _LEARNING_RATE = flags.DEFINE_float(
     "learning_rate", 4e-3,
     "Peak learning rate of Adam; it decays to 0 along a cosine over all steps.",
 )
+# NumPy seeds are unsigned 32-bit integers, and keras.utils.set_random_seed seeds NumPy.
 _SEED = flags.DEFINE_integer(
-    "seed", 0, "Seed of weight initialization, dropout, data order and augmentation."
+    "seed", 0,
+    "Seed of weight initialization, dropout, data order and augmentation, "
+    "from 0 to 2**32 - 1.",
+    lower_bound=0, upper_bound=2**32 - 1,
 )
 _MODEL_DIR = flags.DEFINE_string(
     "model_dir", "", "Output directory. Defaults to runs/<model>-<policy>."
@@ -70,6 +82,13 @@ flags.register_validator(
 )
 
 
+class RunError(Exception):
+    """Error for a flag value that parses but that the run cannot use.
+
+    main logs it as one line and exits with status 2, without the usage text.
+    """
+
+
 def _import_keras_dfp(policy):
     """Import and return keras_dfp, which registers the "dfp16" policy.
 
@@ -81,8 +100,9 @@ def _import_keras_dfp(policy):
         import keras_dfp  # pylint: disable=import-outside-toplevel
     except ImportError as error:
         if policy == "dfp16":
-            raise app.UsageError(
-                f"--policy=dfp16 needs keras_dfp, but importing it failed: {error}. "
+            reason = str(error).rstrip(".")
+            raise RunError(
+                f"--policy=dfp16 needs keras_dfp, but importing it failed: {reason}. "
                 "Run `make build`, or pass --policy=float32."
             ) from error
         logging.warning("keras_dfp is not importable (%s); running without it.", error)
@@ -105,27 +125,65 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+def _prepare_model_dir(model_dir, model_path, summary_path):
+    """Create `model_dir` and check that a file can be written there, before training.
+
+    Logs a warning that names the outputs of an earlier run that this run will replace.
+
+    Raises:
+      RunError: if the directory cannot be created or written.
+    """
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=model_dir):
+            pass
+    except OSError as error:
+        raise RunError(
+            "Expected --model_dir to be a directory that can be created and written. "
+            f"Received: --model_dir={model_dir!r}, which failed with "
+            f"{type(error).__name__}: {error}. Pass a writable directory path, "
+            "for example --model_dir=runs/my-run."
+        ) from error
+
+    existing = [path for path in (model_path, summary_path) if os.path.exists(path)]
+    if existing:
+        logging.warning(
+            "--model_dir=%s already contains %s from an earlier run; this run replaces "
+            "them when it finishes. Pass another --model_dir to keep them.",
+            model_dir, " and ".join(existing),
+        )
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Pass options as --flag=value.")
+    try:
+        _train()
+    except data_lib.DataError as error:
+        logging.error("Invalid --data: %s", error)
+        sys.exit(2)
+    except RunError as error:
+        logging.error("%s", error)
+        sys.exit(2)
 
+
+def _train():
+    """Train, evaluate and write the outputs, as the flags set.
+
+    Raises:
+      data_lib.DataError: if --data matches no file or its records cannot be read.
+      RunError: for any other flag value that the run cannot use.
+    """
     # keras_dfp registers the "dfp16" policy, so it is imported before the policy is set.
     keras_dfp = _import_keras_dfp(_POLICY.value)
     model_dir = _MODEL_DIR.value or os.path.join("runs", f"{_MODEL.value}-{_POLICY.value}")
-    try:
-        train_files = data_lib.list_files(_DATA.value, "train")
-        test_files = data_lib.list_files(_DATA.value, "test")
-    except ValueError as error:
-        raise app.UsageError(f"Invalid --data: {error}") from error
+    model_path = os.path.join(model_dir, f"{_MODEL.value}.keras")
+    summary_path = os.path.join(model_dir, "summary.json")
+    train_files = data_lib.list_files(_DATA.value, "train")
+    test_files = data_lib.list_files(_DATA.value, "test")
 
-    keras.mixed_precision.set_global_policy(_POLICY.value)
-    keras.utils.set_random_seed(_SEED.value)
-    tf.config.experimental.enable_op_determinism()
-    logging.info(
-        "Training %s under policy %s on %d train shard(s) and %d test shard(s); output in %s.",
-        _MODEL.value, _POLICY.value, len(train_files), len(test_files), model_dir,
-    )
-
+    # make_dataset counts the records that the run uses, so truncated or empty files stop
+    # the run here, before the output directory is created.
     train_data = data_lib.make_dataset(
         _DATA.value, "train", batch_size=_BATCH_SIZE.value, seed=_SEED.value,
         max_records=_MAX_TRAIN_RECORDS.value,
@@ -139,10 +197,20 @@ def main(argv):
     # Training drops the last partial batch (see make_dataset), so steps round down.
     steps_per_epoch = train_samples // _BATCH_SIZE.value
     if steps_per_epoch == 0:
-        raise app.UsageError(
+        raise RunError(
             f"Expected at least --batch_size={_BATCH_SIZE.value} training records. "
-            f"Received: {train_samples} records. Lower --batch_size or use more records."
+            f"Received: train_records={train_samples}. Lower --batch_size, or use more "
+            "records (raise --max_train_records or pass a larger --data)."
         )
+    _prepare_model_dir(model_dir, model_path, summary_path)
+
+    keras.mixed_precision.set_global_policy(_POLICY.value)
+    keras.utils.set_random_seed(_SEED.value)
+    tf.config.experimental.enable_op_determinism()
+    logging.info(
+        "Training %s under policy %s on %d train shard(s) and %d test shard(s); output in %s.",
+        _MODEL.value, _POLICY.value, len(train_files), len(test_files), model_dir,
+    )
 
     model = models.build_model(
         _MODEL.value, input_shape=data_lib.IMAGE_SHAPE, num_classes=data_lib.NUM_CLASSES
@@ -157,18 +225,20 @@ def main(argv):
     )
     model.summary(print_fn=logging.info)
 
+    # JPEG decoding and Example parsing run inside fit and evaluate, so records that are
+    # complete TFRecords but hold no valid image fail there.
     timer = EpochTimer()
-    history = model.fit(
-        train_data,
-        epochs=_EPOCHS.value,
-        callbacks=[timer],
-        shuffle=False,  # make_dataset already shuffles, with the seed.
-        verbose=int(_VERBOSE.value),
-    )
-    test_loss, test_accuracy = model.evaluate(test_data, verbose=int(_VERBOSE.value))
+    with data_lib.convert_read_errors(data_lib.split_pattern(_DATA.value, "train")):
+        history = model.fit(
+            train_data,
+            epochs=_EPOCHS.value,
+            callbacks=[timer],
+            shuffle=False,  # make_dataset already shuffles, with the seed.
+            verbose=int(_VERBOSE.value),
+        )
+    with data_lib.convert_read_errors(data_lib.split_pattern(_DATA.value, "test")):
+        test_loss, test_accuracy = model.evaluate(test_data, verbose=int(_VERBOSE.value))
 
-    os.makedirs(model_dir, exist_ok=True)
-    model_path = os.path.join(model_dir, f"{_MODEL.value}.keras")
     model.save(model_path)
     summary = {
         "model": _MODEL.value,
@@ -191,7 +261,6 @@ def main(argv):
         "keras_version": keras.__version__,
         "keras_dfp_version": getattr(keras_dfp, "__version__", None),
     }
-    summary_path = os.path.join(model_dir, "summary.json")
     with open(summary_path, "w", encoding="utf-8") as summary_file:
         json.dump(summary, summary_file, indent=2)
         summary_file.write("\n")

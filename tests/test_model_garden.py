@@ -124,7 +124,8 @@ def test_list_files_defaults_to_sample():
 
 def test_list_files_missing_data_names_pattern(tmp_path):
     missing = str(tmp_path / "no-such-dir" / "*.tfrecord")
-    with pytest.raises(ValueError, match=re.escape(f"Received: data={missing!r}")) as info:
+    expected = re.escape(f"Received: data={missing!r}")
+    with pytest.raises(data_lib.DataError, match=expected) as info:
         data_lib.list_files(missing, "train")
     assert "Pass a directory that contains train-*.tfrecord" in str(info.value)
 
@@ -138,6 +139,89 @@ def test_list_files_directory_without_split_shards(tmp_path):
 def test_list_files_rejects_unknown_split():
     with pytest.raises(ValueError, match=r"Received: split='validation'"):
         data_lib.list_files(None, "validation")
+
+
+def test_split_pattern_forms():
+    assert data_lib.split_pattern(None, "train") == os.path.join(data_lib.SAMPLE_DIR, "train-*")
+    assert data_lib.split_pattern("/d/{split}-*.tfrecord", "test") == "/d/test-*.tfrecord"
+    assert data_lib.split_pattern("/no-such-dir/*.tfrecord", "test") == "/no-such-dir/*.tfrecord"
+
+
+def test_make_dataset_names_truncated_file(tmp_path):
+    with open(SAMPLE_FILES["train"], "rb") as source:
+        (tmp_path / "train-00000-of-00002.tfrecord").write_bytes(source.read(100_000))
+    expected = (
+        re.escape(f"Received: file={str(tmp_path / 'train-00000-of-00002.tfrecord')!r} ")
+        + re.escape(f"(matched by {str(tmp_path / 'train-*')!r}), ")
+        + r"where reading failed after 90 records: truncated record at \d+"
+    )
+    with pytest.raises(data_lib.DataError, match=expected) as info:
+        data_lib.make_dataset(str(tmp_path), "train")
+    assert re.search(r"Regenerate the shards, or copy them again", str(info.value))
+    assert "\n" not in str(info.value)
+
+
+def test_count_records_stops_before_truncation(tmp_path):
+    truncated = tmp_path / "train-00000-of-00001.tfrecord"
+    with open(SAMPLE_FILES["train"], "rb") as source:
+        truncated.write_bytes(source.read(100_000))
+    assert data_lib.count_records([str(truncated)], max_records=50) == 50
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"hi\n", b"plain text that is longer than one TFRecord header\n" * 4],
+    ids=["empty", "short_text", "long_text"],
+)
+def test_make_dataset_rejects_files_without_records(tmp_path, content):
+    (tmp_path / "train-x").write_bytes(content)
+    pattern = str(tmp_path / "train-*")
+    with pytest.raises(data_lib.DataError) as info:
+        data_lib.make_dataset(str(tmp_path), "train")
+    message = str(info.value)
+    # Short files read as zero records, and longer ones as a corrupt first record.
+    assert re.search(
+        re.escape(f"Received: pattern={pattern!r}, which matches 1 file(s) that contain no "
+                  "readable TFRecord records")
+        + "|"
+        + re.escape(f"(matched by {pattern!r}), where reading failed after 0 records: "
+                    "corrupted record at 0"),
+        message,
+    ), message
+    assert re.search(r"image/encoded \(JPEG bytes\) and image/class/label", message)
+
+
+def _write_examples(path, encoded, num_records):
+    example = tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
+        "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[3])),
+    }))
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for _ in range(num_records):
+            writer.write(example.SerializeToString())
+
+
+def test_bad_jpeg_error_names_pattern(tmp_path):
+    _write_examples(tmp_path / "train-0.tfrecord", b"not a jpeg" * 8, 4)
+    pattern = data_lib.split_pattern(str(tmp_path), "train")
+    dataset = data_lib.make_dataset(str(tmp_path), "train", batch_size=2)
+    with pytest.raises(data_lib.DataError) as info:
+        with data_lib.convert_read_errors(pattern):
+            next(iter(dataset))
+    assert re.search(
+        re.escape(f"Received: pattern={pattern!r}, where a record failed to read or decode: ")
+        + r"Unknown image file format\.",
+        str(info.value),
+    )
+    assert "\n" not in str(info.value)
+    assert isinstance(info.value.__cause__, tf.errors.InvalidArgumentError)
+
+
+def test_read_errors_keep_model_errors():
+    model_error = tf.errors.InvalidArgumentError(None, None, "Incompatible shapes: [2] vs. [3]")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"^Incompatible shapes"):
+        with data_lib.convert_read_errors("unused-*"):
+            raise model_error
 
 
 def test_make_dataset_rejects_bad_batch_size():

@@ -10,8 +10,10 @@ flips. Augmentation uses stateless random ops whose seeds come from a seeded
 `tf.data.Dataset.random` stream, so a given seed gives the same batches in every run.
 """
 
+import contextlib
 import glob
 import os
+import re
 
 import tensorflow as tf
 
@@ -37,6 +39,28 @@ _FEATURES = {
     "image/class/label": tf.io.FixedLenFeature([], tf.int64),
 }
 
+# The fix that every message about unreadable records ends with.
+_RECORD_FIX = (
+    "Each record must be a tf.train.Example with image/encoded (JPEG bytes) and "
+    "image/class/label (int64 in [0, 9]). Regenerate the shards, or copy them again if "
+    "the copy was cut short."
+)
+
+
+class DataError(ValueError):
+    """Training or test data that cannot be used: no matching file, or unreadable records."""
+
+
+def split_pattern(data, split):
+    """Return the glob pattern that `list_files` matches for `split`, for use in messages."""
+    if data is None or data == "":
+        data = SAMPLE_DIR
+    if os.path.isdir(data):
+        return os.path.join(data, f"{split}-*")
+    if "{split}" in data:
+        return data.replace("{split}", split)
+    return data
+
 
 def list_files(data, split):
     """Return the sorted TFRecord files of one split.
@@ -49,27 +73,20 @@ def list_files(data, split):
       split: "train" or "test".
 
     Raises:
-      ValueError: if `split` is unknown or no file matches.
+      ValueError: if `split` is unknown.
+      DataError: if no file matches.
     """
     if split not in SPLITS:
         raise ValueError(f"Expected split in {SPLITS}. Received: split={split!r}")
     if data is None or data == "":
         data = SAMPLE_DIR
-    if os.path.isdir(data):
-        pattern = os.path.join(data, f"{split}-*")
-        files = glob.glob(pattern)
-    elif "{split}" in data:
-        pattern = data.replace("{split}", split)
-        files = glob.glob(pattern)
-    else:
-        pattern = data
-        files = [
-            path for path in glob.glob(pattern)
-            if os.path.basename(path).startswith(f"{split}-")
-        ]
+    pattern = split_pattern(data, split)
+    files = glob.glob(pattern)
+    if not os.path.isdir(data) and "{split}" not in data:
+        files = [path for path in files if os.path.basename(path).startswith(f"{split}-")]
     files = sorted(path for path in files if os.path.isfile(path))
     if not files:
-        raise ValueError(
+        raise DataError(
             f"Expected at least one {split} TFRecord file. Received: data={data!r}, which "
             f"matches no file named {split}-* (pattern {pattern!r}). Pass a directory that "
             "contains train-*.tfrecord and test-*.tfrecord shards, a glob such as "
@@ -78,14 +95,72 @@ def list_files(data, split):
     return files
 
 
-def count_records(files, max_records=None):
-    """Return the number of records in `files`, capped at `max_records` when it is set."""
+def count_records(files, max_records=None, pattern=None):
+    """Return the number of records in `files`, capped at `max_records` when it is set.
+
+    Reading every record also finds truncated and corrupt files before training starts.
+    `pattern`, when given, is the glob that matched `files` and is named in errors.
+
+    Raises:
+      DataError: if a file is truncated or is not a TFRecord file.
+    """
     count = 0
-    for _ in tf.data.TFRecordDataset(files):
-        count += 1
-        if max_records is not None and count >= max_records:
-            break
+    for path in files:
+        count_in_file = 0
+        try:
+            for _ in tf.data.TFRecordDataset(path):
+                count += 1
+                count_in_file += 1
+                if max_records is not None and count >= max_records:
+                    return count
+        except tf.errors.DataLossError as error:
+            matched_by = f" (matched by {pattern!r})" if pattern else ""
+            raise DataError(
+                f"Expected complete TFRecord files. Received: file={path!r}{matched_by}, "
+                f"where reading failed after {count_in_file} records: "
+                f"{_summarize_tf_error(error)}. {_RECORD_FIX}"
+            ) from error
     return count
+
+
+def _summarize_tf_error(error):
+    """Return the message of a tf.errors.OpError on one line, without graph node details."""
+    message = re.sub(r"\{\{function_node [^}]*\}\}", "", error.message)
+    message = re.sub(r"\[Op:[^\]]*\].*", "", message)
+    # Errors raised inside a dataset map start with the iterator path, for example
+    # "Error in user-defined function passed to ... with iterator: Iterator::Root::...: ".
+    message = re.sub(r"Error in user-defined function .*?Iterator::\S*: ", "", message)
+    lines = [
+        line.strip() for line in message.splitlines()
+        if line.strip()
+        and not line.strip().startswith("[[")
+        and line.strip() not in ("Graph execution error:", "<stack traces unavailable>")
+        and not line.startswith("Detected at node")
+    ]
+    return " ".join(lines).rstrip(". ")
+
+
+@contextlib.contextmanager
+def convert_read_errors(pattern):
+    """Raise DataError, naming `pattern`, for records that fail to read or decode in the block.
+
+    Use it around `model.fit` and `model.evaluate`, where the JPEG decoding and the
+    tf.train.Example parsing of `make_dataset` run. An InvalidArgumentError counts as a
+    data error only when it was raised while fetching the next input batch
+    (IteratorGetNext), so errors of the model itself propagate unchanged.
+    """
+    try:
+        yield
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+        if isinstance(error, tf.errors.InvalidArgumentError) and (
+            "IteratorGetNext" not in error.message
+        ):
+            raise
+        raise DataError(
+            f"Expected readable tf.train.Example records. Received: pattern={pattern!r}, "
+            f"where a record failed to read or decode: "
+            f"{_summarize_tf_error(error)}. {_RECORD_FIX}"
+        ) from error
 
 
 def decode_example(serialized):
@@ -147,7 +222,9 @@ def make_dataset(
       max_records: if set, use only the first `max_records` records of the split.
 
     Raises:
-      ValueError: if no file matches, or if an argument is out of range.
+      ValueError: if an argument is out of range.
+      DataError: if no file matches, a file is truncated or corrupt, or the files
+        contain no record.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size!r}")
@@ -165,7 +242,14 @@ def make_dataset(
     if max_records is not None:
         dataset = dataset.take(max_records)
     # A known cardinality lets Keras size its progress bar and epoch loop.
-    num_records = count_records(files, max_records)
+    pattern = split_pattern(data, split)
+    num_records = count_records(files, max_records, pattern=pattern)
+    if num_records == 0:
+        raise DataError(
+            f"Expected TFRecord files that contain tf.train.Example records. Received: "
+            f"pattern={pattern!r}, which matches {len(files)} file(s) that contain no "
+            f"readable TFRecord records. {_RECORD_FIX}"
+        )
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_records))
     dataset = dataset.map(decode_example, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.cache()
