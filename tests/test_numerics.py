@@ -261,6 +261,24 @@ def test_stochastic_round_up_probability(fraction):
     assert abs(np.mean(rest == 101) - p) <= bound
 
 
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.75])
+def test_stochastic_symmetric_for_negatives(fraction):
+    count = 100_000
+    magnitudes = {}
+    for sign in (1.0, -1.0):
+        x = np.full(count, sign * (100.0 + fraction), dtype=np.float32)
+        x[0] = 16384.0  # fixes the exponent at 0, so s = x
+        mantissa, exponent = reference.quantize(x, rounding="stochastic", seed=31)
+        assert exponent == 0
+        magnitudes[sign] = np.abs(mantissa[1:].astype(np.int64))
+    bound = 6 * math.sqrt(fraction * (1 - fraction) / (count - 1))
+    for sign, values in magnitudes.items():
+        assert set(np.unique(values)) <= {100, 101}, sign
+        # |s| = 100 + fraction moves away from zero with probability fraction
+        # for either sign: s - floor(s) is 1 - fraction for negative s.
+        assert abs(np.mean(values == 101) - fraction) <= bound, sign
+
+
 def test_stochastic_rounding_unbiased(rng):
     count = 200_000
     x = rng.uniform(-1, 1, count).astype(np.float32)
