@@ -16,7 +16,9 @@ these ops.
 """
 
 import logging
+import numbers
 
+import numpy as np
 import tensorflow as tf
 
 from keras_dfp import _loader
@@ -70,6 +72,26 @@ def _as_int_tensor(value, dtype, name):
     return tensor
 
 
+def _as_sizes(value, name):
+    """Return a 4-element int32 size tensor, rejecting floats and int32 overflow."""
+    tensor = tf.convert_to_tensor(value)
+    if not tensor.dtype.is_integer:
+        raise TypeError(
+            f"Expected {name} to be integer sizes. Received: {name}.dtype="
+            f"{tensor.dtype.name}. Pass the shape as ints, for example "
+            f"tf.shape(x, out_type=tf.int32)."
+        )
+    known = tf.get_static_value(tensor)
+    if known is not None and np.any(
+        (np.asarray(known) < 0) | (np.asarray(known) > np.iinfo(np.int32).max)
+    ):
+        raise ValueError(
+            f"Expected {name} to hold sizes in [0, 2**31 - 1]. Received: "
+            f"{name}={np.asarray(known).tolist()}"
+        )
+    return tf.cast(tensor, tf.int32)
+
+
 def _as_seed(seed):
     seed = tf.convert_to_tensor(seed)
     if not seed.dtype.is_integer:
@@ -98,7 +120,11 @@ def _normalize_padding(padding):
 
 def _spatial_attr(value, name):
     """Expand an int, a pair or a length-4 list to [1, h, w, 1]."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    def is_int(v):
+        # Python and NumPy integers; bool is an Integral but not a size.
+        return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+    if is_int(value):
         values = [1, value, value, 1]
     elif isinstance(value, (list, tuple)) and len(value) == 2:
         values = [1, *value, 1]
@@ -106,9 +132,11 @@ def _spatial_attr(value, name):
         values = list(value)
     else:
         values = None
+    if values is not None and all(is_int(v) for v in values):
+        values = [int(v) for v in values]
     if (
         values is None
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+        or not all(is_int(v) for v in values)
         or values[0] != 1
         or values[3] != 1
         or min(values[1:3]) < 1
@@ -173,7 +201,7 @@ def conv2d_backprop_input_int(
 ):
     """Return the exact float32 input gradient of `conv2d_int`."""
     return _ops.keras_dfp_conv2d_backprop_input(
-        tf.cast(input_sizes, tf.int32),
+        _as_sizes(input_sizes, "input_sizes"),
         _as_int_tensor(w_m, tf.int16, "w_m"),
         _as_int_tensor(w_e, tf.int32, "w_e"),
         _as_int_tensor(dy_m, tf.int16, "dy_m"),
@@ -191,7 +219,7 @@ def conv2d_backprop_filter_int(
     return _ops.keras_dfp_conv2d_backprop_filter(
         _as_int_tensor(x_m, tf.int16, "x_m"),
         _as_int_tensor(x_e, tf.int32, "x_e"),
-        tf.cast(filter_sizes, tf.int32),
+        _as_sizes(filter_sizes, "filter_sizes"),
         _as_int_tensor(dy_m, tf.int16, "dy_m"),
         _as_int_tensor(dy_e, tf.int32, "dy_e"),
         strides=_spatial_attr(strides, "strides"),

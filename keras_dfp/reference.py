@@ -373,8 +373,10 @@ def _tap_window(geometry, tap_h, tap_w):
     dilation_h, dilation_w = geometry["dilation"]
     start_h = tap_h * dilation_h
     start_w = tap_w * dilation_w
-    rows = slice(start_h, start_h + (out_h - 1) * stride_h + 1, stride_h)
-    cols = slice(start_w, start_w + (out_w - 1) * stride_w + 1, stride_w)
+    # An empty output reads nothing. The general stop below would be negative
+    # for out == 0 and wrap around to the end of the axis.
+    rows = slice(start_h, start_h + max(out_h - 1, 0) * stride_h + min(out_h, 1), stride_h)
+    cols = slice(start_w, start_w + max(out_w - 1, 0) * stride_w + min(out_w, 1), stride_w)
     return rows, cols
 
 

@@ -245,16 +245,6 @@ def test_zero_size_results(kernel_path, case):
     np.testing.assert_array_equal(grad_filter.view(np.int32), 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason=(
-        "reference bug: for an output height of 0 with nonzero SAME padding, "
-        "_tap_window builds slice(start, start - stride + 1, stride), whose "
-        "negative stop wraps around, so the backprop sums get a window of the "
-        "wrong size and NumPy raises"
-    ),
-)
 def test_reference_backprop_zero_height_padded():
     # Height 0, SAME, filter height 3, dilation 3: TensorFlow pads 6 rows.
     attrs = {"strides": 2, "padding": "SAME", "dilations": (3, 1)}

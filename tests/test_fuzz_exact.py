@@ -103,16 +103,13 @@ def use_kernel_path(path):
 def spatial_size(draw, kernel, dilation, padding):
     """Draw an input size for one axis.
 
-    NOTE: two cases are not drawn because of known bugs, each tracked by a
-    strict xfail test. VALID inputs smaller than the dilated kernel give an
-    empty output from the op but an error from the reference
-    (tests/test_op_errors.py). Size 0 with SAME padding crashes the reference
-    backprop when the padding is not 0 (tests/test_conv_case_table.py).
+    VALID inputs start at the dilated kernel size, because smaller ones are an
+    error (as in tf.nn.conv2d); SAME inputs include size 0.
     """
     if padding == "VALID":
         effective = (kernel - 1) * dilation + 1
         return draw(st.integers(effective, effective + 10))
-    return draw(st.integers(1, 12))
+    return draw(st.integers(0, 12))
 
 
 @st.composite

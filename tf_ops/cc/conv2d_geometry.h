@@ -96,18 +96,21 @@ inline absl::Status ComputeWindowedSize(int64_t input, int64_t filter,
     size->output = (input + stride - 1) / stride;
     const int64_t needed = (size->output - 1) * stride + effective - input;
     size->pad_before = needed > 0 ? needed / 2 : 0;
-  } else {
-    // C++ division truncates toward zero, like TensorFlow's own VALID rule.
-    size->output = (input - effective + stride) / stride;
-    size->pad_before = 0;
+    return absl::OkStatus();
   }
-  if (size->output < 0) {
+  // tf.nn.conv2d's shape function rejects every VALID input smaller than the
+  // dilated filter (even where (input - effective + stride) / stride is 0),
+  // so the ops do too.
+  if (input < effective) {
     return tensorflow::errors::InvalidArgument(
-        "Expected the input ", axis, " to cover the dilated filter for VALID "
-        "padding. Received: input ", axis, "=", input, ", filter ", axis, "=",
-        filter, ", dilation=", dilation, " (dilated filter ", axis, "=",
-        effective, "). Use padding='SAME' or a larger input.");
+        "Expected the input ", axis, " to be at least the dilated filter ",
+        axis, " for VALID padding. Received: input ", axis, "=", input,
+        ", filter ", axis, "=", filter, ", dilation=", dilation,
+        " (dilated filter ", axis, "=", effective,
+        "). Use padding='SAME' or a larger input.");
   }
+  size->output = (input - effective + stride) / stride;
+  size->pad_before = 0;
   return absl::OkStatus();
 }
 
