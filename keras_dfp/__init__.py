@@ -17,11 +17,21 @@ from keras_dfp import ops  # noqa: E402
 from keras_dfp import reference  # noqa: E402
 from keras_dfp import _integration  # noqa: E402
 from keras_dfp.policy import DFPPolicy  # noqa: E402
+from keras_dfp._integration import skipped_steps  # noqa: E402
 
 _integration.install()
 
 from keras_dfp import layers  # noqa: E402
+from keras_dfp import telemetry  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["DFPPolicy", "layers", "ops", "reference", "__version__"]
+__all__ = [
+    "DFPPolicy",
+    "layers",
+    "ops",
+    "reference",
+    "skipped_steps",
+    "telemetry",
+    "__version__",
+]

@@ -33,7 +33,12 @@ change and every layer without a `DFPPolicy` runs the original Keras method:
   AttributeError on a str.
 - `BaseOptimizer.apply` makes every update of a traced train step wait for
   all gradients, so a step that fails on a non-finite gradient updates no
-  variable (see `_patch_optimizer_apply`).
+  variable. For variables of layers whose policy has nonfinite="skip_step" it
+  skips the whole update when a gradient is NaN or infinite and counts the
+  step instead (see `_patch_optimizer_apply`).
+- `TensorFlowTrainer.train_step` of such a model restores the non-trainable
+  and metric variables that the forward pass changed when the optimizer
+  skipped the step (see `_patch_train_step`).
 """
 
 import functools
@@ -62,6 +67,7 @@ from keras.src.trainers import trainer as trainer_module
 
 from keras_dfp import ops
 from keras_dfp import ops_extra
+from keras_dfp import telemetry
 from keras_dfp.policy import POLICY_NAME
 from keras_dfp.policy import parse_policy_name
 from keras_dfp.policy import serialized_name
@@ -232,6 +238,26 @@ def _rounding_args(layer):
     return policy.rounding, tf.bitwise.bitwise_xor(per_call, key)
 
 
+def _dfp_op_args(layer, name):
+    """Return the keyword arguments of one DFP16 op call of `layer` named `name`.
+
+    Each call draws a new stochastic-rounding seed. It also tags the layer's
+    variables with the policy's non-finite mode, which the patched
+    `BaseOptimizer.apply` reads.
+    """
+    policy = effective_policy(layer)
+    rounding, seed = _rounding_args(layer)
+    for variable in layer.variables:
+        variable._keras_dfp_nonfinite = policy.nonfinite
+    return dict(
+        rounding=rounding,
+        seed=seed,
+        name=name,
+        nonfinite=policy.nonfinite,
+        observer=telemetry.observer(layer, name),
+    )
+
+
 def _check_not_in_xla(layer, op_name):
     """Raise ValueError when the layer is traced inside an XLA-compiled function.
 
@@ -338,7 +364,6 @@ def _conv(layer, inputs, kernel, padding):
     check_conv_supported(layer)
     _check_not_in_xla(layer, _CONV_OP)
     inputs, (kernel,) = _to_nhwc(layer, inputs, [kernel])
-    rounding, seed = _rounding_args(layer)
     outputs = ops_extra.grouped_conv2d(
         inputs,
         kernel,
@@ -346,9 +371,7 @@ def _conv(layer, inputs, kernel, padding):
         strides=_spatial_2d(layer.strides),
         padding=padding.upper(),
         dilations=_spatial_2d(layer.dilation_rate),
-        rounding=rounding,
-        seed=seed,
-        name=layer.name,
+        **_dfp_op_args(layer, layer.name),
     )
     return _from_nhwc(layer, outputs)
 
@@ -432,16 +455,13 @@ def _patch_conv_transpose():
         if self.rank == 1:
             output_shape = [output_shape[0], 1, *output_shape[1:]]
         inputs, (kernel,) = _to_nhwc(self, inputs, [self.kernel])
-        rounding, seed = _rounding_args(self)
         outputs = ops_extra.conv2d_transpose(
             inputs,
             kernel,
             output_shape,
             strides=_spatial_2d(self.strides),
             padding=self.padding.upper(),
-            rounding=rounding,
-            seed=seed,
-            name=self.name,
+            **_dfp_op_args(self, self.name),
         )
         return _bias_and_activation(self, _from_nhwc(self, outputs))
 
@@ -451,7 +471,7 @@ def _patch_conv_transpose():
     BaseConvTranspose.call = call
 
 
-def _depthwise_conv(layer, inputs, kernel, name, rounding, seed):
+def _depthwise_conv(layer, inputs, kernel, name):
     """Run a depthwise convolution on NHWC inputs as a grouped convolution.
 
     The depthwise kernel [KH, KW, C, M] reshaped to [KH, KW, 1, C * M] is the
@@ -467,9 +487,7 @@ def _depthwise_conv(layer, inputs, kernel, name, rounding, seed):
         strides=_spatial_2d(layer.strides),
         padding=layer.padding.upper(),
         dilations=_spatial_2d(layer.dilation_rate),
-        rounding=rounding,
-        seed=seed,
-        name=name,
+        **_dfp_op_args(layer, name),
     )
 
 
@@ -483,8 +501,7 @@ def _patch_depthwise_conv():
         _check_rank_and_format(self)
         _check_not_in_xla(self, _CONV_OP)
         inputs, (kernel,) = _to_nhwc(self, inputs, [self.kernel])
-        rounding, seed = _rounding_args(self)
-        outputs = _depthwise_conv(self, inputs, kernel, self.name, rounding, seed)
+        outputs = _depthwise_conv(self, inputs, kernel, self.name)
         return _bias_and_activation(self, _from_nhwc(self, outputs))
 
     BaseDepthwiseConv.build = _dfp_build(
@@ -506,24 +523,15 @@ def _patch_separable_conv():
             self, inputs, [self.depthwise_kernel, self.pointwise_kernel]
         )
         # Each of the two convolutions draws its own stochastic rounding seed.
-        rounding, depthwise_seed = _rounding_args(self)
-        _, pointwise_seed = _rounding_args(self)
         depthwise_outputs = _depthwise_conv(
-            self,
-            inputs,
-            depthwise_kernel,
-            f"{self.name}/depthwise",
-            rounding,
-            depthwise_seed,
+            self, inputs, depthwise_kernel, f"{self.name}/depthwise"
         )
         outputs = ops.conv2d(
             depthwise_outputs,
             pointwise_kernel,
             strides=1,
             padding="VALID",
-            rounding=rounding,
-            seed=pointwise_seed,
-            name=f"{self.name}/pointwise",
+            **_dfp_op_args(self, f"{self.name}/pointwise"),
         )
         return _bias_and_activation(self, _from_nhwc(self, outputs))
 
@@ -536,15 +544,15 @@ def _patch_separable_conv():
 def _dense_matmul(layer, inputs, kernel):
     """Multiply N-D `inputs` by the 2-D kernel through the DFP16 MatMul op."""
     inputs = _float32_input(inputs)
-    rounding, seed = _rounding_args(layer)
+    op_args = _dfp_op_args(layer, layer.name)
     if inputs.shape.rank == 2:
-        return ops.matmul(inputs, kernel, name=layer.name, rounding=rounding, seed=seed)
+        return ops.matmul(inputs, kernel, **op_args)
 
     # The MatMul op takes 2-D operands only, so the leading axes are folded
     # into rows here and restored afterwards.
     input_dim = kernel.shape[0]
     flat = tf.reshape(inputs, [-1, input_dim])
-    outputs = ops.matmul(flat, kernel, name=layer.name, rounding=rounding, seed=seed)
+    outputs = ops.matmul(flat, kernel, **op_args)
     output_shape = tf.concat([tf.shape(inputs)[:-1], [kernel.shape[1]]], axis=0)
     outputs = tf.reshape(outputs, output_shape)
     outputs.set_shape(inputs.shape[:-1].concatenate([kernel.shape[1]]))
@@ -594,9 +602,8 @@ def _patch_einsum_dense():
         _check_not_in_xla(self, _MATMUL_OP)
         inputs = _float32_input(inputs)
         plan = einsum_plan(self, inputs.shape.rank)
-        rounding, seed = _rounding_args(self)
         outputs = ops_extra.einsum_matmul(
-            plan, inputs, self.kernel, rounding=rounding, seed=seed, name=self.name
+            plan, inputs, self.kernel, **_dfp_op_args(self, self.name)
         )
         return _bias_and_activation(self, outputs)
 
@@ -724,6 +731,114 @@ def _gradient_tensors(grads):
     return tensors
 
 
+def _skips_nonfinite_steps(variables):
+    """Return True if a DFP16 layer with nonfinite="skip_step" owns one of `variables`."""
+    return any(
+        getattr(variable, "_keras_dfp_nonfinite", None) == "skip_step"
+        for variable in variables
+    )
+
+
+def skipped_steps_variable(optimizer):
+    """Return the int64 count of steps `optimizer` skipped, creating it at 0 if needed.
+
+    The counter is a plain `tf.Variable` attached without Keras tracking, so
+    `optimizer.variables` and the optimizer state in `.keras` files do not
+    change. A loaded model therefore starts counting from 0 again.
+    """
+    counter = getattr(optimizer, "_keras_dfp_skipped_steps", None)
+    if counter is None:
+        with tf.init_scope():
+            counter = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="dfp_skipped_steps"
+            )
+        object.__setattr__(optimizer, "_keras_dfp_skipped_steps", counter)
+    return counter
+
+
+def skipped_steps(model_or_optimizer):
+    """Return how many optimizer steps were skipped for a non-finite gradient.
+
+    Args:
+        model_or_optimizer: a compiled `keras.Model` or a Keras optimizer.
+            Steps are skipped only for variables of DFP16 layers whose policy
+            has nonfinite="skip_step", such as "dfp16_skip".
+
+    Returns:
+        Python int, 0 before the first skipped step.
+    """
+    optimizer = model_or_optimizer
+    if isinstance(model_or_optimizer, keras.Model):
+        optimizer = getattr(model_or_optimizer, "optimizer", None)
+    if not isinstance(optimizer, BaseOptimizer):
+        raise TypeError(
+            "Expected a compiled keras.Model or a Keras optimizer. Received: "
+            f"model_or_optimizer of type {type(model_or_optimizer).__name__} "
+            f"with optimizer={optimizer!r}. Call model.compile(...) first."
+        )
+    return int(skipped_steps_variable(optimizer).numpy())
+
+
+def _log_skipped_step(optimizer_name, iterations, skipped):
+    logger.warning(
+        "Skipped the update of optimizer '%s' at iteration %d because a "
+        "gradient is NaN or infinite (nonfinite='skip_step'); %d step(s) "
+        "skipped so far.",
+        optimizer_name,
+        int(iterations),
+        int(skipped),
+    )
+
+
+def _apply_or_skip(optimizer, original_apply, grads, trainable_variables, tensors):
+    """Run `original_apply`, or skip it and count the step if a gradient is non-finite.
+
+    A skipped step assigns to no weight and no optimizer variable, the
+    iteration count included, so Adam moments and learning-rate schedules
+    continue as if the batch had not been seen.
+    """
+    if trainable_variables is not None and not optimizer.built:
+        # Variables cannot be created inside a tf.cond branch, so the optimizer
+        # is built here, the way `BaseOptimizer.apply` does on its first call.
+        with keras.name_scope(optimizer.name, caller=optimizer):
+            optimizer.build(trainable_variables)
+        optimizer.built = True
+    counter = skipped_steps_variable(optimizer)
+    all_finite = tf.reduce_all(
+        tf.stack([tf.reduce_all(tf.math.is_finite(tensor)) for tensor in tensors])
+    )
+
+    if tf.executing_eagerly():
+        if bool(all_finite):
+            return original_apply(optimizer, grads, trainable_variables)
+        counter.assign_add(1)
+        _log_skipped_step(
+            optimizer.name, optimizer.iterations.numpy(), counter.numpy()
+        )
+        return None
+
+    def apply_update():
+        with tf.control_dependencies(tensors):
+            original_apply(optimizer, grads, trainable_variables)
+        return tf.constant(True)
+
+    def skip_update():
+        skipped = counter.assign_add(1)
+        iterations = tf.convert_to_tensor(optimizer.iterations)
+        tf.py_function(
+            functools.partial(_log_skipped_step, optimizer.name),
+            [iterations, skipped],
+            [],
+        )
+        return tf.constant(False)
+
+    # NOTE: only tested under the default distribution strategy. Inside a
+    # multi-replica strategy the optimizer's merge_call would run inside this
+    # cond, which TensorFlow may reject.
+    tf.cond(all_finite, apply_update, skip_update)
+    return None
+
+
 def _patch_optimizer_apply():
     """Make every optimizer update of a traced step wait for all gradients.
 
@@ -733,6 +848,10 @@ def _patch_optimizer_apply():
     gradient) would then leave earlier updates applied, such as a bias whose
     float32 gradient did not pass through a DFP16 op. With every op of `apply`
     depending on every gradient, a failing step changes no variable.
+
+    When a variable belongs to a DFP16 layer with nonfinite="skip_step", the
+    update runs only if every gradient is finite, and otherwise the skip
+    counter of `skipped_steps_variable` increments (see `_apply_or_skip`).
     """
     original_apply = BaseOptimizer.apply
 
@@ -740,12 +859,70 @@ def _patch_optimizer_apply():
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
         tensors = _gradient_tensors(grads)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+        variables = (
+            self._trainable_variables
+            if trainable_variables is None and self.built
+            else trainable_variables or []
+        )
+        if tensors and _skips_nonfinite_steps(variables):
+            return _apply_or_skip(
+                self, original_apply, grads, trainable_variables, tensors
+            )
         if tf.executing_eagerly() or not tensors:
             return original_apply(self, grads, trainable_variables)
         with tf.control_dependencies(tensors):
             return original_apply(self, grads, trainable_variables)
 
     BaseOptimizer.apply = apply
+
+
+def _model_skips_nonfinite_steps(model):
+    """Return True if a DFP16 layer of `model` has nonfinite="skip_step"."""
+    return any(
+        runs_dfp(layer) and effective_policy(layer).nonfinite == "skip_step"
+        for layer in model._flatten_layers()
+    )
+
+
+def _patch_train_step():
+    """Undo the forward-pass state changes of a train step the optimizer skipped.
+
+    Layers change non-trainable variables in the forward pass, before the
+    optimizer sees the gradients: BatchNormalization moving statistics, seed
+    generator states, and the metric totals. For a model with a
+    nonfinite="skip_step" DFP16 layer the train step saves those variables
+    first and restores them when the skip counter moved during the step, so a
+    skipped batch leaves the model and its metrics as they were.
+    """
+    original_train_step = tf_trainer_module.TensorFlowTrainer.train_step
+
+    @functools.wraps(original_train_step)
+    def train_step(self, data):
+        if self.optimizer is None or not _model_skips_nonfinite_steps(self):
+            return original_train_step(self, data)
+        counter = skipped_steps_variable(self.optimizer)
+        variables = list(self.non_trainable_variables) + list(self.metrics_variables)
+        skipped_before = tf.identity(counter.read_value())
+        saved = [tf.identity(variable.value) for variable in variables]
+
+        logs = original_train_step(self, data)
+
+        def restore():
+            for variable, value in zip(variables, saved):
+                variable.assign(value)
+            return tf.constant(True)
+
+        skipped = counter.read_value() > skipped_before
+        if tf.executing_eagerly():
+            if bool(skipped):
+                restore()
+        else:
+            tf.cond(skipped, restore, lambda: tf.constant(False))
+        return logs
+
+    tf_trainer_module.TensorFlowTrainer.train_step = train_step
 
 
 def install():
@@ -764,4 +941,5 @@ def install():
     _patch_quantize()
     _patch_xla()
     _patch_optimizer_apply()
+    _patch_train_step()
     _installed = True

@@ -28,6 +28,7 @@ _ops = _loader.load_ops_library()
 _logger = logging.getLogger(__name__)
 
 ROUNDING_MODES = ("nearest_even", "stochastic")
+NONFINITE_MODES = ("raise", "skip_step")
 KERNEL_PATHS = ("auto", "avx512_vnni", "avx2", "portable")
 PADDINGS = ("SAME", "VALID")
 
@@ -109,6 +110,14 @@ def _check_rounding(rounding):
         )
 
 
+def _check_nonfinite(nonfinite):
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(
+            f"Expected nonfinite to be one of {NONFINITE_MODES}. "
+            f"Received: nonfinite={nonfinite!r}"
+        )
+
+
 def _normalize_padding(padding):
     if not isinstance(padding, str) or padding.upper() not in PADDINGS:
         raise ValueError(
@@ -169,6 +178,68 @@ def quantize(x, rounding="nearest_even", seed=0, tensor_name=""):
     return _ops.keras_dfp_quantize(
         x, _as_seed(seed), rounding=rounding, tensor_name=tensor_name
     )
+
+
+class OperandQuantizer:
+    """Quantizes the operands of one DFP16 op call, forward and backward.
+
+    With nonfinite="raise" this is `quantize`. With nonfinite="skip_step" a
+    tensor that contains NaN or Inf is replaced by zeros before the quantize
+    op, so the op does not fail, and `finish` turns every output of the
+    step (forward result, or input and weight gradients) into NaN. The NaN
+    then reaches the loss or the float32 gradients, where the patched
+    optimizer detects it and skips the update.
+
+    `observer`, if given, is called as observer(kind, x, mantissa, exponent)
+    for every quantized tensor ("activation", "weight" or "gradient") and
+    returns the ops that record its statistics. `finish` makes the outputs
+    depend on those ops, so they run in graph mode too.
+    """
+
+    def __init__(self, rounding, name, nonfinite="raise", observer=None):
+        _check_rounding(rounding)
+        _check_nonfinite(nonfinite)
+        self._rounding = rounding
+        self._name = name
+        self._nonfinite = nonfinite
+        self._observer = observer
+        self._finite_flags = []
+        self._pending_updates = []
+
+    def __call__(self, x, seed, kind):
+        """Return (mantissa, exponent) of float32 `x`, a tensor of the given kind."""
+        tensor_name = f"{self._name} ({kind})"
+        if self._nonfinite == "skip_step":
+            finite = tf.reduce_all(tf.math.is_finite(x))
+            self._finite_flags.append(finite)
+            x = tf.cond(finite, lambda: x, lambda: tf.zeros_like(x))
+        mantissa, exponent = quantize(x, self._rounding, seed, tensor_name)
+        if self._observer is not None:
+            self._pending_updates.extend(
+                self._observer(kind, x, mantissa, exponent) or []
+            )
+        return mantissa, exponent
+
+    def finish(self, outputs):
+        """Return `outputs` after the recorded updates, NaN if an operand so far was non-finite."""
+        outputs = list(outputs)
+        if self._pending_updates:
+            with tf.control_dependencies(self._pending_updates):
+                outputs = [tf.identity(output) for output in outputs]
+            self._pending_updates = []
+        if not self._finite_flags:
+            return outputs
+        all_finite = tf.reduce_all(tf.stack(self._finite_flags))
+        return [
+            tf.cond(
+                all_finite,
+                lambda output=output: output,
+                lambda output=output: tf.fill(
+                    tf.shape(output), tf.constant(float("nan"), output.dtype)
+                ),
+            )
+            for output in outputs
+        ]
 
 
 def dequantize(mantissa, exponent):
@@ -335,6 +406,8 @@ def conv2d(
     rounding="nearest_even",
     seed=0,
     name=None,
+    nonfinite="raise",
+    observer=None,
 ):
     """Differentiable DFP16 2-D convolution of float32 NHWC x and HWIO kernel.
 
@@ -342,12 +415,13 @@ def conv2d(
     and "<name> (weight)") and runs the exact INT16 convolution. The gradient
     quantizes dy ("<name> (gradient)") and runs the INT16 backprop ops on the
     forward mantissas. Stochastic rounding uses seed, seed ^ 1 and seed ^ 2 for
-    activation, weight and gradient.
+    activation, weight and gradient. `nonfinite` and `observer` work as in
+    `OperandQuantizer`.
     """
     name = name or "conv2d"
     x = _as_float32(x, "x")
     kernel = _as_float32(kernel, "kernel")
-    _check_rounding(rounding)
+    quantizer = OperandQuantizer(rounding, name, nonfinite, observer)
     strides = _spatial_attr(strides, "strides")
     dilations = _spatial_attr(dilations, "dilations")
     padding = _normalize_padding(padding)
@@ -356,18 +430,19 @@ def conv2d(
     @tf.custom_gradient
     def _conv2d(x, kernel):
         x_seed, w_seed, dy_seed = _operand_seeds(seed)
-        x_m, x_e = quantize(x, rounding, x_seed, f"{name} (activation)")
-        w_m, w_e = quantize(kernel, rounding, w_seed, f"{name} (weight)")
-        y = conv2d_int(x_m, x_e, w_m, w_e, **attrs)
+        x_m, x_e = quantizer(x, x_seed, "activation")
+        w_m, w_e = quantizer(kernel, w_seed, "weight")
+        (y,) = quantizer.finish([conv2d_int(x_m, x_e, w_m, w_e, **attrs)])
 
         def grad(dy):
-            dy_m, dy_e = quantize(dy, rounding, dy_seed, f"{name} (gradient)")
+            dy_m, dy_e = quantizer(dy, dy_seed, "gradient")
             dx = conv2d_backprop_input_int(
                 tf.shape(x, out_type=tf.int32), w_m, w_e, dy_m, dy_e, **attrs
             )
             dw = conv2d_backprop_filter_int(
                 x_m, x_e, tf.shape(kernel, out_type=tf.int32), dy_m, dy_e, **attrs
             )
+            dx, dw = quantizer.finish([dx, dw])
             return _first_order_only((dx, dw), name, (x, kernel, dy))
 
         return y, grad
@@ -376,7 +451,9 @@ def conv2d(
         return _conv2d(x, kernel)
 
 
-def matmul(a, b, rounding="nearest_even", seed=0, name=None):
+def matmul(
+    a, b, rounding="nearest_even", seed=0, name=None, nonfinite="raise", observer=None
+):
     """Differentiable DFP16 product of float32 matrices a [M, K] and b [K, N].
 
     Inputs must be 2-D (reshape N-D activations first). Quantization and
@@ -386,7 +463,7 @@ def matmul(a, b, rounding="nearest_even", seed=0, name=None):
     name = name or "matmul"
     a = _as_float32(a, "a")
     b = _as_float32(b, "b")
-    _check_rounding(rounding)
+    quantizer = OperandQuantizer(rounding, name, nonfinite, observer)
     for operand, operand_name in ((a, "a"), (b, "b")):
         rank = operand.shape.rank
         if rank is not None and rank != 2:
@@ -399,14 +476,15 @@ def matmul(a, b, rounding="nearest_even", seed=0, name=None):
     @tf.custom_gradient
     def _matmul(a, b):
         a_seed, b_seed, dy_seed = _operand_seeds(seed)
-        a_m, a_e = quantize(a, rounding, a_seed, f"{name} (activation)")
-        b_m, b_e = quantize(b, rounding, b_seed, f"{name} (weight)")
-        y = matmul_int(a_m, a_e, b_m, b_e)
+        a_m, a_e = quantizer(a, a_seed, "activation")
+        b_m, b_e = quantizer(b, b_seed, "weight")
+        (y,) = quantizer.finish([matmul_int(a_m, a_e, b_m, b_e)])
 
         def grad(dy):
-            dy_m, dy_e = quantize(dy, rounding, dy_seed, f"{name} (gradient)")
+            dy_m, dy_e = quantizer(dy, dy_seed, "gradient")
             da = matmul_int(dy_m, dy_e, b_m, b_e, transpose_b=True)
             db = matmul_int(a_m, a_e, dy_m, dy_e, transpose_a=True)
+            da, db = quantizer.finish([da, db])
             return _first_order_only((da, db), name, (a, b, dy))
 
         return y, grad

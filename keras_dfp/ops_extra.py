@@ -47,6 +47,8 @@ def grouped_conv2d(
     rounding="nearest_even",
     seed=0,
     name=None,
+    nonfinite="raise",
+    observer=None,
 ):
     """Differentiable DFP16 grouped 2-D convolution.
 
@@ -57,8 +59,8 @@ def grouped_conv2d(
         read input channels [g * C // groups, (g + 1) * C // groups), as in
         tf.nn.conv2d and keras.layers.Conv2D(groups=...).
       groups: positive int.
-      strides, padding, dilations, rounding, seed, name: as in
-        `keras_dfp.ops.conv2d`.
+      strides, padding, dilations, rounding, seed, name, nonfinite, observer:
+        as in `keras_dfp.ops.conv2d`.
 
     Returns:
       float32 [N, OH, OW, O].
@@ -75,11 +77,12 @@ def grouped_conv2d(
         )
     if groups == 1:
         return ops.conv2d(
-            x, kernel, strides, padding, dilations, rounding, seed, name
+            x, kernel, strides, padding, dilations, rounding, seed, name,
+            nonfinite, observer,
         )
     x = ops._as_float32(x, "x")
     kernel = ops._as_float32(kernel, "kernel")
-    ops._check_rounding(rounding)
+    quantizer = ops.OperandQuantizer(rounding, name, nonfinite, observer)
     _check_group_shapes(x, kernel, groups)
     attrs = dict(
         strides=ops._spatial_attr(strides, "strides"),
@@ -90,8 +93,8 @@ def grouped_conv2d(
     @tf.custom_gradient
     def _grouped_conv2d(x, kernel):
         x_seed, w_seed, dy_seed = ops._operand_seeds(seed)
-        x_m, x_e = ops.quantize(x, rounding, x_seed, f"{name} (activation)")
-        w_m, w_e = ops.quantize(kernel, rounding, w_seed, f"{name} (weight)")
+        x_m, x_e = quantizer(x, x_seed, "activation")
+        w_m, w_e = quantizer(kernel, w_seed, "weight")
         x_groups = tf.split(x_m, groups, axis=-1)
         w_groups = tf.split(w_m, groups, axis=-1)
         y = tf.concat(
@@ -101,9 +104,10 @@ def grouped_conv2d(
             ],
             axis=-1,
         )
+        (y,) = quantizer.finish([y])
 
         def grad(dy):
-            dy_m, dy_e = ops.quantize(dy, rounding, dy_seed, f"{name} (gradient)")
+            dy_m, dy_e = quantizer(dy, dy_seed, "gradient")
             dy_groups = tf.split(dy_m, groups, axis=-1)
             x_group_shape = tf.shape(x_groups[0], out_type=tf.int32)
             w_group_shape = tf.shape(w_groups[0], out_type=tf.int32)
@@ -125,7 +129,7 @@ def grouped_conv2d(
                 ],
                 axis=-1,
             )
-            return dx, dw
+            return tuple(quantizer.finish([dx, dw]))
 
         return y, grad
 
@@ -163,6 +167,8 @@ def conv2d_transpose(
     rounding="nearest_even",
     seed=0,
     name=None,
+    nonfinite="raise",
+    observer=None,
 ):
     """Differentiable DFP16 transposed 2-D convolution (dilation 1).
 
@@ -182,7 +188,8 @@ def conv2d_transpose(
         keras.layers.Conv2DTranspose and tf.nn.conv2d_transpose.
       output_shape: int32 [4] tensor or list [N, OH, OW, Cout]. A convolution
         of that shape with `strides` and `padding` must give x's shape.
-      strides, padding, rounding, seed, name: as in `keras_dfp.ops.conv2d`.
+      strides, padding, rounding, seed, name, nonfinite, observer: as in
+        `keras_dfp.ops.conv2d`.
 
     Returns:
       float32 tensor of shape `output_shape`.
@@ -190,7 +197,7 @@ def conv2d_transpose(
     name = name or "conv2d_transpose"
     x = ops._as_float32(x, "x")
     kernel = ops._as_float32(kernel, "kernel")
-    ops._check_rounding(rounding)
+    quantizer = ops.OperandQuantizer(rounding, name, nonfinite, observer)
     attrs = dict(
         strides=ops._spatial_attr(strides, "strides"),
         padding=ops._normalize_padding(padding),
@@ -201,17 +208,18 @@ def conv2d_transpose(
     @tf.custom_gradient
     def _conv2d_transpose(x, kernel):
         x_seed, w_seed, dy_seed = ops._operand_seeds(seed)
-        x_m, x_e = ops.quantize(x, rounding, x_seed, f"{name} (activation)")
-        w_m, w_e = ops.quantize(kernel, rounding, w_seed, f"{name} (weight)")
+        x_m, x_e = quantizer(x, x_seed, "activation")
+        w_m, w_e = quantizer(kernel, w_seed, "weight")
         y = ops.conv2d_backprop_input_int(output_shape, w_m, w_e, x_m, x_e, **attrs)
+        (y,) = quantizer.finish([y])
 
         def grad(dy):
-            dy_m, dy_e = ops.quantize(dy, rounding, dy_seed, f"{name} (gradient)")
+            dy_m, dy_e = quantizer(dy, dy_seed, "gradient")
             dx = ops.conv2d_int(dy_m, dy_e, w_m, w_e, **attrs)
             dw = ops.conv2d_backprop_filter_int(
                 dy_m, dy_e, tf.shape(kernel, out_type=tf.int32), x_m, x_e, **attrs
             )
-            return dx, dw
+            return tuple(quantizer.finish([dx, dw]))
 
         return y, grad
 
@@ -311,13 +319,22 @@ def _split_equation(equation, input_rank):
     return list(input_term), list(kernel_term), list(output)
 
 
-def einsum_matmul(plan, x, kernel, rounding="nearest_even", seed=0, name=None):
+def einsum_matmul(
+    plan,
+    x,
+    kernel,
+    rounding="nearest_even",
+    seed=0,
+    name=None,
+    nonfinite="raise",
+    observer=None,
+):
     """Compute einsum(plan.equation, x, kernel) with one DFP16 matmul.
 
     Args:
       plan: an `EinsumPlan` for the equation and x's rank.
       x, kernel: float32 tensors. Only x's free axes may have unknown sizes.
-      rounding, seed, name: as in `keras_dfp.ops.matmul`.
+      rounding, seed, name, nonfinite, observer: as in `keras_dfp.ops.matmul`.
     """
     x = ops._as_float32(x, "x")
     kernel = ops._as_float32(kernel, "kernel")
@@ -335,7 +352,15 @@ def einsum_matmul(plan, x, kernel, rounding="nearest_even", seed=0, name=None):
 
     rows = tf.reshape(x_t, [-1, contracted_size])
     columns = tf.reshape(kernel_t, [contracted_size, free_kernel_size])
-    product = ops.matmul(rows, columns, rounding=rounding, seed=seed, name=name)
+    product = ops.matmul(
+        rows,
+        columns,
+        rounding=rounding,
+        seed=seed,
+        name=name,
+        nonfinite=nonfinite,
+        observer=observer,
+    )
 
     free_input_shape = tf.shape(x_t)[:count]
     product_shape = tf.concat(

@@ -20,12 +20,16 @@ import keras
 
 POLICY_NAME = "dfp16"
 ROUNDING_MODES = ("nearest_even", "stochastic")
+NONFINITE_MODES = ("raise", "skip_step")
 
 # Keras' `Operation.from_config` keeps only the name of a policy whose
-# quantization_mode is None, so the name itself carries rounding and seed:
-# "dfp16", "dfp16_stochastic" (seed 0) or "dfp16_stochastic_seed<int>".
+# quantization_mode is None, so the name itself carries rounding, seed and
+# non-finite mode: "dfp16", "dfp16_stochastic" (seed 0) or
+# "dfp16_stochastic_seed<int>", each followed by "_skip" for
+# nonfinite="skip_step".
 _STOCHASTIC_PREFIX = POLICY_NAME + "_stochastic"
 _SEED_PREFIX = _STOCHASTIC_PREFIX + "_seed"
+_SKIP_SUFFIX = "_skip"
 
 # Layer configs store the policy name with this prefix (see `serialized_name`),
 # so Keras without keras_dfp fails with a message that names the package.
@@ -37,13 +41,17 @@ MAX_SEED = 2**63 - 1
 _CANONICAL_SEED = re.compile(r"-?[1-9][0-9]*")
 
 
-def policy_name(rounding, seed):
-    """Return the canonical policy name for a rounding mode and seed."""
+def policy_name(rounding, seed, nonfinite="raise"):
+    """Return the canonical policy name for a rounding mode, seed and non-finite mode."""
     if rounding == "nearest_even":
-        return POLICY_NAME
-    if seed == 0:
-        return _STOCHASTIC_PREFIX
-    return f"{_SEED_PREFIX}{seed}"
+        name = POLICY_NAME
+    elif seed == 0:
+        name = _STOCHASTIC_PREFIX
+    else:
+        name = f"{_SEED_PREFIX}{seed}"
+    if nonfinite == "skip_step":
+        name += _SKIP_SUFFIX
+    return name
 
 
 def serialized_name(policy):
@@ -52,16 +60,29 @@ def serialized_name(policy):
 
 
 def parse_policy_name(name):
-    """Return `(rounding, seed)` for a DFP16 policy name, or None for other names.
+    """Return `(rounding, seed, nonfinite)` for a DFP16 policy name, or None.
 
     Accepts the names of `policy_name()` with or without the "keras_dfp>"
-    prefix. Rounding and seed are None when the name does not fix them
-    ("dfp16").
+    prefix, and returns None for every other name. Rounding and seed are None
+    when the name does not fix them ("dfp16", "dfp16_skip"). The non-finite
+    mode is "skip_step" for names ending in "_skip" and "raise" otherwise.
     """
     if not isinstance(name, str):
         return None
     if name.startswith(SERIALIZED_PREFIX):
         name = name[len(SERIALIZED_PREFIX) :]
+    nonfinite = "raise"
+    if name.endswith(_SKIP_SUFFIX):
+        name = name[: -len(_SKIP_SUFFIX)]
+        nonfinite = "skip_step"
+    parsed = _parse_rounding_name(name)
+    if parsed is None:
+        return None
+    return (*parsed, nonfinite)
+
+
+def _parse_rounding_name(name):
+    """Return `(rounding, seed)` for a policy name without the "_skip" suffix."""
     if name == POLICY_NAME:
         return None, None
     if name == _STOCHASTIC_PREFIX:
@@ -94,6 +115,13 @@ class DFPPolicy(keras.DTypePolicy):
             seed reproduces a whole training run on any thread count.
         seed: Integer seed for stochastic rounding. Ignored for
             `"nearest_even"`.
+        nonfinite: What a NaN or Inf reaching a DFP16 op does. `"raise"` (the
+            default) raises `tf.errors.InvalidArgumentError` naming the layer
+            and the tensor. `"skip_step"` quantizes zeros in its place, makes
+            the op's outputs NaN, and the optimizer then skips the whole
+            update (see `keras_dfp.skipped_steps`). The name of a
+            `"skip_step"` policy ends in `"_skip"`, for example
+            `"dfp16_skip"`.
 
     Example:
 
@@ -104,12 +132,14 @@ class DFPPolicy(keras.DTypePolicy):
     >>> keras.config.set_dtype_policy("float32")
     """
 
-    def __init__(self, name=None, rounding=None, seed=None):
+    def __init__(self, name=None, rounding=None, seed=None, nonfinite=None):
         if name is None:
             global_policy = keras.config.dtype_policy()
             if isinstance(global_policy, DFPPolicy):
                 rounding = global_policy.rounding if rounding is None else rounding
                 seed = global_policy.seed if seed is None else seed
+                if nonfinite is None:
+                    nonfinite = global_policy.nonfinite
             name = POLICY_NAME
 
         parsed = parse_policy_name(name)
@@ -119,7 +149,20 @@ class DFPPolicy(keras.DTypePolicy):
                 f"{_STOCHASTIC_PREFIX!r}. Received: name={name!r}. "
                 "For a float policy use keras.DTypePolicy(name) instead."
             )
-        name_rounding, name_seed = parsed
+        name_rounding, name_seed, name_nonfinite = parsed
+        if nonfinite is None:
+            nonfinite = name_nonfinite
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(
+                f"Expected `nonfinite` to be one of {NONFINITE_MODES}. "
+                f"Received: nonfinite={nonfinite!r}"
+            )
+        if nonfinite != name_nonfinite and name.endswith(_SKIP_SUFFIX):
+            raise ValueError(
+                f"Expected `nonfinite` to match the policy name {name!r}, "
+                f"which ends in {_SKIP_SUFFIX!r} for nonfinite='skip_step'. "
+                f"Received: nonfinite={nonfinite!r}"
+            )
         if name_rounding is not None:
             if rounding not in (None, name_rounding) or seed not in (None, name_seed):
                 raise ValueError(
@@ -151,7 +194,8 @@ class DFPPolicy(keras.DTypePolicy):
 
         self._rounding = rounding
         self._seed = seed
-        super().__init__(policy_name(rounding, seed))
+        self._nonfinite = nonfinite
+        super().__init__(policy_name(rounding, seed, nonfinite))
 
     def _parse_name(self, name):
         # `__init__` has validated the name. Every DFP16 policy computes and
@@ -168,18 +212,29 @@ class DFPPolicy(keras.DTypePolicy):
         """Start seed of the per-layer stochastic-rounding generator."""
         return self._seed
 
+    @property
+    def nonfinite(self):
+        """What a NaN or Inf reaching a DFP16 op does: "raise" or "skip_step"."""
+        return self._nonfinite
+
     def get_config(self):
-        return {"name": self.name, "rounding": self._rounding, "seed": self._seed}
+        return {
+            "name": self.name,
+            "rounding": self._rounding,
+            "seed": self._seed,
+            "nonfinite": self._nonfinite,
+        }
 
     def __eq__(self, other):
         return (
             type(other) is type(self)
             and self._rounding == other._rounding
             and self._seed == other._seed
+            and self._nonfinite == other._nonfinite
         )
 
     def __hash__(self):
-        return hash((POLICY_NAME, self._rounding, self._seed))
+        return hash((POLICY_NAME, self._rounding, self._seed, self._nonfinite))
 
     def __repr__(self):
         return f'<DFPPolicy "{self.name}">'

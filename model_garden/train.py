@@ -70,6 +70,13 @@ _MAX_TEST_RECORDS = flags.DEFINE_integer(
     "max_test_records", None, "Use only this many test records (for quick checks).",
     lower_bound=1,
 )
+_TELEMETRY_EVERY_N_STEPS = flags.DEFINE_integer(
+    "telemetry_every_n_steps", 0,
+    "Under --policy=dfp16, write DFP16 telemetry (exponent, saturated and underflow "
+    "fractions per layer and tensor) as TensorBoard scalars to <model_dir>/telemetry "
+    "every this many train steps. 0 turns telemetry off.",
+    lower_bound=0,
+)
 _VERBOSE = flags.DEFINE_enum(
     "verbose", "1", ("0", "1", "2"),
     "Keras fit/evaluate verbosity: 0 silent, 1 progress bar, 2 one line per epoch.",
@@ -182,6 +189,16 @@ def _train():
     train_files = data_lib.list_files(_DATA.value, "train")
     test_files = data_lib.list_files(_DATA.value, "test")
 
+    telemetry_every_n_steps = _TELEMETRY_EVERY_N_STEPS.value
+    if telemetry_every_n_steps and _POLICY.value != "dfp16":
+        raise RunError(
+            "Expected --telemetry_every_n_steps=0 unless --policy=dfp16, because only "
+            f"DFP16 layers record telemetry. Received: --policy={_POLICY.value}, "
+            f"--telemetry_every_n_steps={telemetry_every_n_steps}."
+        )
+    if telemetry_every_n_steps:
+        keras_dfp.telemetry.enable()
+
     # make_dataset counts the records that the run uses, so truncated or empty files stop
     # the run here, before the output directory is created.
     train_data = data_lib.make_dataset(
@@ -228,11 +245,18 @@ def _train():
     # JPEG decoding and Example parsing run inside fit and evaluate, so records that are
     # complete TFRecords but hold no valid image fail there.
     timer = EpochTimer()
+    callbacks = [timer]
+    if telemetry_every_n_steps:
+        callbacks.append(
+            keras_dfp.telemetry.TensorBoardCallback(
+                os.path.join(model_dir, "telemetry"), every_n_steps=telemetry_every_n_steps
+            )
+        )
     with data_lib.convert_read_errors(data_lib.split_pattern(_DATA.value, "train")):
         history = model.fit(
             train_data,
             epochs=_EPOCHS.value,
-            callbacks=[timer],
+            callbacks=callbacks,
             shuffle=False,  # make_dataset already shuffles, with the seed.
             verbose=int(_VERBOSE.value),
         )
@@ -248,6 +272,7 @@ def _train():
         "batch_size": _BATCH_SIZE.value,
         "learning_rate": _LEARNING_RATE.value,
         "seed": _SEED.value,
+        "telemetry_every_n_steps": telemetry_every_n_steps,
         "train_samples": train_samples,
         "test_samples": test_samples,
         "seconds_per_epoch": timer.seconds,
