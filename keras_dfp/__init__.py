@@ -23,12 +23,16 @@ _integration.install()
 
 from keras_dfp import layers  # noqa: E402
 from keras_dfp import telemetry  # noqa: E402
+from keras_dfp.export import export_for_serving  # noqa: E402
+from keras_dfp.export import list_saved_model_ops  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DFPPolicy",
+    "export_for_serving",
     "layers",
+    "list_saved_model_ops",
     "ops",
     "reference",
     "skipped_steps",

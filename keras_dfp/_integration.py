@@ -31,6 +31,9 @@ change and every layer without a `DFPPolicy` runs the original Keras method:
   keras_dfp then fails with "Cannot convert 'keras_dfp>dfp16' ...", which
   names the package, where the registered-class form would fail with an
   AttributeError on a str.
+- `use_ops(backend)` temporarily routes every DFP16 layer call through another
+  set of functions with the signatures of `DFP_OPS`. `keras_dfp.export` uses it
+  to trace a model with stock TensorFlow ops only.
 - `BaseOptimizer.apply` makes every update of a traced train step wait for
   all gradients, so a step that fails on a non-finite gradient updates no
   variable. For variables of layers whose policy has nonfinite="skip_step" it
@@ -41,8 +44,10 @@ change and every layer without a `DFPPolicy` runs the original Keras method:
   skipped the step (see `_patch_train_step`).
 """
 
+import contextlib
 import functools
 import hashlib
+import types
 import inspect
 import logging
 
@@ -82,6 +87,32 @@ _MATMUL_OP = "KerasDfp>MatMul"
 _FLOAT_FIX = "Pass dtype='float32' to this layer to run it in float32."
 
 _installed = False
+
+# The functions that patched layer calls run their DFP16 products with.
+DFP_OPS = types.SimpleNamespace(
+    conv2d=ops.conv2d,
+    grouped_conv2d=ops_extra.grouped_conv2d,
+    conv2d_transpose=ops_extra.conv2d_transpose,
+    matmul=ops.matmul,
+    einsum_matmul=ops_extra.einsum_matmul,
+)
+_active_ops = DFP_OPS
+
+
+@contextlib.contextmanager
+def use_ops(backend):
+    """Run DFP16 layer calls with `backend`'s functions inside the context.
+
+    `backend` has the attributes of `DFP_OPS` with the same signatures. The
+    setting is process-wide, so trace only one model at a time inside it.
+    """
+    global _active_ops
+    previous = _active_ops
+    _active_ops = backend
+    try:
+        yield
+    finally:
+        _active_ops = previous
 
 
 def effective_policy(layer):
@@ -364,7 +395,7 @@ def _conv(layer, inputs, kernel, padding):
     check_conv_supported(layer)
     _check_not_in_xla(layer, _CONV_OP)
     inputs, (kernel,) = _to_nhwc(layer, inputs, [kernel])
-    outputs = ops_extra.grouped_conv2d(
+    outputs = _active_ops.grouped_conv2d(
         inputs,
         kernel,
         groups=layer.groups,
@@ -455,7 +486,7 @@ def _patch_conv_transpose():
         if self.rank == 1:
             output_shape = [output_shape[0], 1, *output_shape[1:]]
         inputs, (kernel,) = _to_nhwc(self, inputs, [self.kernel])
-        outputs = ops_extra.conv2d_transpose(
+        outputs = _active_ops.conv2d_transpose(
             inputs,
             kernel,
             output_shape,
@@ -480,7 +511,7 @@ def _depthwise_conv(layer, inputs, kernel, name):
     """
     kernel_h, kernel_w, channels, multiplier = kernel.shape
     grouped_kernel = tf.reshape(kernel, [kernel_h, kernel_w, 1, channels * multiplier])
-    return ops_extra.grouped_conv2d(
+    return _active_ops.grouped_conv2d(
         inputs,
         grouped_kernel,
         groups=channels,
@@ -526,7 +557,7 @@ def _patch_separable_conv():
         depthwise_outputs = _depthwise_conv(
             self, inputs, depthwise_kernel, f"{self.name}/depthwise"
         )
-        outputs = ops.conv2d(
+        outputs = _active_ops.conv2d(
             depthwise_outputs,
             pointwise_kernel,
             strides=1,
@@ -546,13 +577,13 @@ def _dense_matmul(layer, inputs, kernel):
     inputs = _float32_input(inputs)
     op_args = _dfp_op_args(layer, layer.name)
     if inputs.shape.rank == 2:
-        return ops.matmul(inputs, kernel, **op_args)
+        return _active_ops.matmul(inputs, kernel, **op_args)
 
     # The MatMul op takes 2-D operands only, so the leading axes are folded
     # into rows here and restored afterwards.
     input_dim = kernel.shape[0]
     flat = tf.reshape(inputs, [-1, input_dim])
-    outputs = ops.matmul(flat, kernel, **op_args)
+    outputs = _active_ops.matmul(flat, kernel, **op_args)
     output_shape = tf.concat([tf.shape(inputs)[:-1], [kernel.shape[1]]], axis=0)
     outputs = tf.reshape(outputs, output_shape)
     outputs.set_shape(inputs.shape[:-1].concatenate([kernel.shape[1]]))
@@ -602,7 +633,7 @@ def _patch_einsum_dense():
         _check_not_in_xla(self, _MATMUL_OP)
         inputs = _float32_input(inputs)
         plan = einsum_plan(self, inputs.shape.rank)
-        outputs = ops_extra.einsum_matmul(
+        outputs = _active_ops.einsum_matmul(
             plan, inputs, self.kernel, **_dfp_op_args(self, self.name)
         )
         return _bias_and_activation(self, outputs)

@@ -328,6 +328,7 @@ def einsum_matmul(
     name=None,
     nonfinite="raise",
     observer=None,
+    matmul=ops.matmul,
 ):
     """Compute einsum(plan.equation, x, kernel) with one DFP16 matmul.
 
@@ -335,6 +336,8 @@ def einsum_matmul(
       plan: an `EinsumPlan` for the equation and x's rank.
       x, kernel: float32 tensors. Only x's free axes may have unknown sizes.
       rounding, seed, name, nonfinite, observer: as in `keras_dfp.ops.matmul`.
+      matmul: the 2-D product to run, with the signature of
+        `keras_dfp.ops.matmul`. `keras_dfp.export` passes a stock-op one.
     """
     x = ops._as_float32(x, "x")
     kernel = ops._as_float32(kernel, "kernel")
@@ -352,7 +355,7 @@ def einsum_matmul(
 
     rows = tf.reshape(x_t, [-1, contracted_size])
     columns = tf.reshape(kernel_t, [contracted_size, free_kernel_size])
-    product = ops.matmul(
+    product = matmul(
         rows,
         columns,
         rounding=rounding,
