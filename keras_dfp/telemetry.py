@@ -49,6 +49,9 @@ _LAYER_ATTRIBUTE = "_keras_dfp_telemetry"
 
 _enabled = False
 
+# tf.Variable(bool) created on first use by `_recording_flag`.
+_recording = None
+
 
 def enable():
     """Record DFP16 statistics in every DFP16 op traced or run from now on."""
@@ -146,16 +149,50 @@ class _OpTelemetry:
                 }
 
     def record(self, kind, x, mantissa, exponent):
-        """Assign the statistics of one quantized tensor; return the assign ops."""
+        """Assign the statistics of one quantized tensor if recording is on.
+
+        Returns the ops that the DFP16 op's outputs must wait for: the assigns
+        inside a `tf.cond` on the recording flag in a graph, nothing eagerly.
+        """
         variables = self.variables[kind]
-        values = tensor_statistics(x, mantissa, exponent)
-        updates = [
-            variables[statistic].assign(value, read_value=False)
-            for statistic, value in zip(STATISTICS, values)
-        ]
-        updates.append(variables["updates"].assign_add(1, read_value=False))
-        # Eager assigns return None and have already run.
-        return [update for update in updates if update is not None]
+
+        def assign_statistics():
+            values = tensor_statistics(x, mantissa, exponent)
+            updates = [
+                variables[statistic].assign(value, read_value=False)
+                for statistic, value in zip(STATISTICS, values)
+            ]
+            updates.append(variables["updates"].assign_add(1, read_value=False))
+            # Eager assigns return None and have already run.
+            return [update for update in updates if update is not None]
+
+        flag = _recording_flag()
+        if tf.executing_eagerly():
+            if bool(flag.numpy()):
+                assign_statistics()
+            return []
+
+        def record_branch():
+            with tf.control_dependencies(assign_statistics()):
+                return tf.constant(True)
+
+        return [tf.cond(flag, record_branch, lambda: tf.constant(False))]
+
+
+def _recording_flag():
+    """Return the process-wide flag that switches the statistics on and off.
+
+    It is True unless a `TensorBoardCallback` is training: the callback turns
+    it on only for the steps it writes, so the other steps skip the
+    statistics (a `tf.cond` branch) and cost almost nothing.
+    """
+    global _recording
+    if _recording is None:
+        with tf.init_scope():
+            _recording = tf.Variable(
+                True, trainable=False, name="keras_dfp_telemetry_recording"
+            )
+    return _recording
 
 
 def observer(layer, name):
@@ -222,9 +259,9 @@ class TensorBoardCallback(keras.callbacks.Callback):
 
     Every `every_n_steps` train batches (counted over all epochs) the
     callback reads `collect(self.model)` and writes one scalar per op, tensor
-    kind and statistic, tagged as in `scalar_tag`, at the global step. Reading
-    the variables waits for the step to finish, so a smaller `every_n_steps`
-    costs more.
+    kind and statistic, tagged as in `scalar_tag`, at the global step. The
+    DFP16 ops compute the statistics only in those steps, so a larger
+    `every_n_steps` costs less; the other steps only read a flag.
 
     Args:
       log_dir: directory of the event files; created if missing.
@@ -259,6 +296,10 @@ class TensorBoardCallback(keras.callbacks.Callback):
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
 
+    def on_train_batch_begin(self, batch, logs=None):
+        # Statistics are computed only in the steps that are written.
+        _recording_flag().assign((self._step + 1) % self.every_n_steps == 0)
+
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
         if self._step % self.every_n_steps == 0:
@@ -290,5 +331,8 @@ class TensorBoardCallback(keras.callbacks.Callback):
         return count
 
     def on_train_end(self, logs=None):
+        # Later calls (evaluate, predict, a fit without this callback) record
+        # every step again.
+        _recording_flag().assign(True)
         if self._writer is not None:
             self._writer.flush()

@@ -157,6 +157,24 @@ def test_callback_writes_expected_tags(tmp_path):
     assert telemetry.scalar_tag("conv", "gradient", "exponent") == "dfp16/conv/gradient/exponent"
 
 
+def test_callback_computes_only_written_steps(tmp_path):
+    telemetry.enable()
+    model = _fit_with_callback(str(tmp_path / "logs"), every_n_steps=3)
+
+    for op_name, ops in _op_telemetry(model).items():
+        for kind in ("activation", "weight"):
+            # 8 train batches in 2 epochs, written (and computed) every 3rd.
+            assert int(ops.variables[kind]["updates"].numpy()) == 2, (op_name, kind)
+
+
+def _op_telemetry(model):
+    found = {}
+    for layer in model._flatten_layers():
+        found.update(getattr(layer, "_keras_dfp_telemetry", {}))
+    assert found, "no DFP16 telemetry recorded"
+    return found
+
+
 def test_callback_rejects_disabled_telemetry(tmp_path):
     with pytest.raises(ValueError, match=r"Received: keras_dfp.telemetry.is_enabled\(\)=False"):
         _fit_with_callback(str(tmp_path), every_n_steps=1)
