@@ -8,7 +8,9 @@ Usage (from the repository root):
 
 The run writes `<model_dir>/<model>.keras` (the trained model) and
 `<model_dir>/summary.json` (settings, seconds per epoch, test accuracy and loss, versions),
-replacing those files if an earlier run left them there.
+replacing those files if an earlier run left them there. During training,
+BackupAndRestore keeps `<model_dir>/backup` (deleted when training ends), from which
+--resume continues a run that was interrupted. docs/distributed.md describes --strategy.
 
 absl reports flag parsing errors, such as --seed=-1. A flag value that parses but that the
 run cannot use, for example unreadable --data records or an unwritable --model_dir, is
@@ -80,6 +82,18 @@ _TELEMETRY_EVERY_N_STEPS = flags.DEFINE_integer(
 _VERBOSE = flags.DEFINE_enum(
     "verbose", "1", ("0", "1", "2"),
     "Keras fit/evaluate verbosity: 0 silent, 1 progress bar, 2 one line per epoch.",
+)
+
+_STRATEGY = flags.DEFINE_enum(
+    "strategy", "none", ("none", "mirrored", "multi_worker"),
+    "tf.distribute strategy: none (default device), mirrored (all local devices) or "
+    "multi_worker (MultiWorkerMirroredStrategy; reads the cluster from TF_CONFIG). "
+    "--batch_size is the global batch size.",
+)
+_RESUME = flags.DEFINE_bool(
+    "resume", False,
+    "Continue the run from <model_dir>/backup, which BackupAndRestore writes after "
+    "every epoch. Without --resume an existing backup is an error.",
 )
 
 flags.register_validator(
@@ -161,6 +175,46 @@ def _prepare_model_dir(model_dir, model_path, summary_path):
         )
 
 
+def _make_strategy(name):
+    """Return the tf.distribute strategy that --strategy selects, or None for "none"."""
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        # NOTE: with more than one worker, Keras 3.15 Model.fit fails before the
+        # first step, because it reduces a PerReplica batch eagerly
+        # (keras-team/keras#20585). tests/training_job.py runs a custom loop
+        # over Model.train_step that works.
+        if not os.environ.get("TF_CONFIG"):
+            raise RunError(
+                "Expected TF_CONFIG to describe the cluster for --strategy=multi_worker. "
+                "Received: TF_CONFIG unset. Set it per worker (see docs/distributed.md) "
+                "or pass --strategy=none."
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return None
+
+
+def _backup_callback(model_dir):
+    """Return the BackupAndRestore callback of the run, checking --resume.
+
+    Raises:
+      RunError: if a backup exists and --resume is not set.
+    """
+    backup_dir = os.path.join(model_dir, "backup")
+    if os.path.exists(backup_dir) and not _RESUME.value:
+        raise RunError(
+            f"Expected no backup in --model_dir without --resume. Received: "
+            f"--model_dir={model_dir!r}, which contains {backup_dir}. Pass --resume to "
+            "continue that run, or delete the backup to start again."
+        )
+    if _RESUME.value and not os.path.exists(backup_dir):
+        logging.warning("--resume is set but %s does not exist; starting from epoch 0.",
+                        backup_dir)
+    # NOTE: a resumed run restarts the seeded data order at its first epoch, so
+    # its batches differ from an uninterrupted run's after the resume point.
+    return keras.callbacks.BackupAndRestore(backup_dir)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Pass options as --flag=value.")
@@ -220,8 +274,12 @@ def _train():
             "records (raise --max_train_records or pass a larger --data)."
         )
     _prepare_model_dir(model_dir, model_path, summary_path)
+    backup = _backup_callback(model_dir)
 
     keras.mixed_precision.set_global_policy(_POLICY.value)
+    # Like `with strategy.scope():` for the rest of the process, so the model and
+    # its optimizer below are created under the strategy.
+    tf.distribute.experimental_set_strategy(_make_strategy(_STRATEGY.value))
     keras.utils.set_random_seed(_SEED.value)
     tf.config.experimental.enable_op_determinism()
     logging.info(
@@ -245,7 +303,7 @@ def _train():
     # JPEG decoding and Example parsing run inside fit and evaluate, so records that are
     # complete TFRecords but hold no valid image fail there.
     timer = EpochTimer()
-    callbacks = [timer]
+    callbacks = [timer, backup]
     if telemetry_every_n_steps:
         callbacks.append(
             keras_dfp.telemetry.TensorBoardCallback(
@@ -273,6 +331,7 @@ def _train():
         "learning_rate": _LEARNING_RATE.value,
         "seed": _SEED.value,
         "telemetry_every_n_steps": telemetry_every_n_steps,
+        "strategy": _STRATEGY.value,
         "train_samples": train_samples,
         "test_samples": test_samples,
         "seconds_per_epoch": timer.seconds,
