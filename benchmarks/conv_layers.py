@@ -68,7 +68,7 @@ def _cpu_model():
 
 
 def _isa_flags():
-    wanted = (
+    reported_flags = (
         "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
         "amx_tile", "amx_int8", "amx_bf16",
     )
@@ -77,7 +77,7 @@ def _isa_flags():
             for line in cpuinfo:
                 if line.startswith("flags"):
                     present = set(line.split(":", 1)[1].split())
-                    return [flag for flag in wanted if flag in present]
+                    return [flag for flag in reported_flags if flag in present]
     except OSError:
         pass
     return []

@@ -921,7 +921,7 @@ def _patch_train_step():
     """Undo the forward-pass state changes of a train step the optimizer skipped.
 
     Layers change non-trainable variables in the forward pass, before the
-    optimizer sees the gradients: BatchNormalization moving statistics, seed
+    optimizer receives the gradients: BatchNormalization moving statistics, seed
     generator states, and the metric totals. For a model with a
     nonfinite="skip_step" DFP16 layer the train step saves those variables
     first and restores them when the skip counter moved during the step, so a

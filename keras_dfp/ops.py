@@ -368,7 +368,7 @@ def _first_order_only(gradients, name, sources):
     None for a second-order gradient (for example a gradient penalty) instead
     of the true value. The identity below lists the float `sources` the
     gradients depend on (forward inputs and output gradient) as its inputs, so
-    an outer tape sees the dependency and calls its gradient, which raises.
+    an outer tape records the dependency and calls its gradient, which raises.
     """
 
     @tf.custom_gradient

@@ -91,7 +91,7 @@ def tensor_statistics(x, mantissa, exponent):
     exponent = tf.convert_to_tensor(exponent, tf.int32)
     size = tf.cast(tf.size(x), tf.float64)
 
-    # float64 holds 32767.5 * 2**e and every float32 |x| exactly, for every
+    # float64 represents 32767.5 * 2**e and every float32 |x| exactly, for every
     # exponent the quantize op returns (-163 to 113).
     # NOTE: the cast reads subnormal x as 0 (TensorFlow CPU kernels run with
     # denormals-are-zero), so a tensor whose largest magnitude is subnormal

@@ -19,9 +19,9 @@ tests/test_op_errors.py. Together they cover
   bottom or right as tf.nn.conv2d does (even kernels, stride 2 with odd sizes);
 - dilations 1 to 3 per axis, also with strides above 1;
 - batch 1 to 3;
-- input and output channel counts 1, 2, 3, 5, 17, 33, 65 and 127, none of
-  them a multiple of the 8, 16 or 32 lanes of an int16 vector register
-  except where a case says so.
+- input and output channel counts from 0 to 129, mostly not multiples of the
+  8, 16 or 32 lanes of an int16 vector register (1, 3, 5, 17, 33, 65, 127,
+  129), with 16 and 32 as aligned cases.
 
 Sizes are small so that the table runs in seconds on every kernel path.
 """

@@ -5,8 +5,8 @@ its own logical CPU devices, or run two of them as MultiWorkerMirroredStrategy
 workers. It prints one line per event ("EPOCH <n>", "BATCH <epoch> <batch>",
 "PAUSED", "DONE") and writes the final weights to --output as an .npz file.
 
-Every epoch sees the same batches in the same order (no shuffling), so a run
-that resumes at the start of epoch e sees the data an uninterrupted run sees.
+Every epoch reads the same batches in the same order (no shuffling), so a run
+that resumes at the start of epoch e reads the same data as an uninterrupted run.
 """
 
 import argparse
@@ -73,8 +73,8 @@ def _dataset(batch_size):
         batch_size, drop_remainder=True
     )
     options = tf.data.Options()
-    # Shard by element, so two workers together see each global batch that a
-    # single worker sees.
+    # Shard by element, so two workers together process each global batch that
+    # a single worker would process.
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.DATA
     )

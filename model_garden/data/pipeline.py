@@ -5,7 +5,7 @@ and image/class/label (int64 in [0, 9]) and ignores image/format, image/height,
 image/width and image/class/text. Shards are named `train-*` and `test-*`.
 
 Decoded uint8 images are cached in memory (about 3 KB per image, so 150 MB for the full
-training set), and augmentation runs after the cache, so every epoch sees new crops and
+training set), and augmentation runs after the cache, so every epoch gets new crops and
 flips. Augmentation uses stateless random ops whose seeds come from a seeded
 `tf.data.Dataset.random` stream, so a given seed gives the same batches in every run.
 """
