@@ -15,7 +15,7 @@ VENV_PIP := $(VENV)/bin/pip
 # Written after a successful dependency install; it is older than Makefile when the
 # pins below change, which triggers a reinstall.
 DEPS_STAMP := $(VENV)/.keras-dfp-deps.stamp
-DEPS := "tensorflow==2.21.*" "keras==3.15.*" absl-py numpy pytest hypothesis matplotlib \
+DEPS := "tensorflow==2.21.*" "keras==3.15.*" absl-py numpy pytest hypothesis matplotlib tensorboard \
 	setuptools wheel
 
 OPS_LIBRARY := keras_dfp/_keras_dfp_ops.so

@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from model_garden import data as data_lib
 from model_garden import models
+from model_garden import presets
 
 POLICIES = ("dfp16", "float32", "mixed_bfloat16")
 
@@ -48,11 +49,36 @@ _POLICY = flags.DEFINE_enum(
     "policy", "dfp16", POLICIES,
     "Keras global dtype policy: dfp16 runs Conv2D and Dense through the INT16 DFP ops.",
 )
-_EPOCHS = flags.DEFINE_integer("epochs", 15, "Passes over the training data.", lower_bound=1)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per batch.", lower_bound=1)
+_EPOCHS = flags.DEFINE_integer(
+    "epochs", None,
+    "Passes over the training data (or of --steps_per_epoch steps). Defaults to the "
+    "model's preset (model_garden/presets.py), 15 for cifar_cnn.",
+    lower_bound=1,
+)
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", None, "Images per batch. Defaults to the model's preset, 64 for cifar_cnn.",
+    lower_bound=1,
+)
 _LEARNING_RATE = flags.DEFINE_float(
-    "learning_rate", 4e-3,
-    "Peak learning rate of Adam; it decays to 0 along a cosine over all steps.",
+    "learning_rate", None,
+    "Peak learning rate at --batch_size. Defaults to the model's preset (0.004 Adam with "
+    "cosine decay for cifar_cnn; SGD presets scale their rate linearly with the batch size).",
+)
+_OPTIMIZER = flags.DEFINE_enum(
+    "optimizer", None, ("adam", "sgd"),
+    "Optimizer; defaults to the model's preset. The preset's schedule is kept.",
+)
+_STEPS_PER_EPOCH = flags.DEFINE_integer(
+    "steps_per_epoch", None,
+    "Train this many batches per epoch, repeating the shuffled training data, instead of "
+    "one pass over it. Use it for runs shorter than an epoch of a large data set.",
+    lower_bound=1,
+)
+_LOG_EVERY_N_STEPS = flags.DEFINE_integer(
+    "log_every_n_steps", 10,
+    "Record the training loss and accuracy every this many steps in "
+    "<model_dir>/summary.json (train_curve) and <model_dir>/logs (TensorBoard).",
+    lower_bound=1,
 )
 # NumPy seeds are unsigned 32-bit integers, and keras.utils.set_random_seed seeds NumPy.
 _SEED = flags.DEFINE_integer(
@@ -98,7 +124,7 @@ _RESUME = flags.DEFINE_bool(
 
 flags.register_validator(
     "learning_rate",
-    lambda value: math.isfinite(value) and value > 0,
+    lambda value: value is None or (math.isfinite(value) and value > 0),
     message="--learning_rate must be a finite number > 0, for example 0.004.",
 )
 
@@ -129,6 +155,30 @@ def _import_keras_dfp(policy):
         logging.warning("keras_dfp is not importable (%s); running without it.", error)
         return None
     return keras_dfp
+
+
+class StepCurve(keras.callbacks.Callback):
+    """Keras callback that records (step, loss, accuracy) every `every_n_steps` steps.
+
+    The values are Keras' running means over the current epoch, as the progress bar shows.
+    """
+
+    def __init__(self, every_n_steps, steps_per_epoch):
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self.steps_per_epoch = steps_per_epoch
+        self.points = []
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = self._epoch * self.steps_per_epoch + batch + 1
+        if step % self.every_n_steps == 0 and logs:
+            self.points.append(
+                [step, float(logs.get("loss", math.nan)), float(logs.get("accuracy", math.nan))]
+            )
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -240,6 +290,12 @@ def _train():
     model_dir = _MODEL_DIR.value or os.path.join("runs", f"{_MODEL.value}-{_POLICY.value}")
     model_path = os.path.join(model_dir, f"{_MODEL.value}.keras")
     summary_path = os.path.join(model_dir, "summary.json")
+    preset = presets.resolve(
+        _MODEL.value, batch_size=_BATCH_SIZE.value, epochs=_EPOCHS.value,
+        learning_rate=_LEARNING_RATE.value, optimizer=_OPTIMIZER.value,
+    )
+    batch_size = preset.batch_size
+    epochs = preset.epochs
     train_files = data_lib.list_files(_DATA.value, "train")
     test_files = data_lib.list_files(_DATA.value, "test")
 
@@ -256,8 +312,8 @@ def _train():
     # make_dataset counts the records that the run uses, so truncated or empty files stop
     # the run here, before the output directory is created.
     train_data = data_lib.make_dataset(
-        _DATA.value, "train", batch_size=_BATCH_SIZE.value, seed=_SEED.value,
-        max_records=_MAX_TRAIN_RECORDS.value,
+        _DATA.value, "train", batch_size=batch_size, seed=_SEED.value,
+        max_records=_MAX_TRAIN_RECORDS.value, repeat=_STEPS_PER_EPOCH.value is not None,
     )
     test_data = data_lib.make_dataset(
         _DATA.value, "test", batch_size=256, seed=_SEED.value,
@@ -266,13 +322,15 @@ def _train():
     train_samples = data_lib.count_records(train_files, _MAX_TRAIN_RECORDS.value)
     test_samples = data_lib.count_records(test_files, _MAX_TEST_RECORDS.value)
     # Training drops the last partial batch (see make_dataset), so steps round down.
-    steps_per_epoch = train_samples // _BATCH_SIZE.value
+    steps_per_epoch = train_samples // batch_size
     if steps_per_epoch == 0:
         raise RunError(
-            f"Expected at least --batch_size={_BATCH_SIZE.value} training records. "
+            f"Expected at least --batch_size={batch_size} training records. "
             f"Received: train_records={train_samples}. Lower --batch_size, or use more "
             "records (raise --max_train_records or pass a larger --data)."
         )
+    if _STEPS_PER_EPOCH.value is not None:
+        steps_per_epoch = _STEPS_PER_EPOCH.value
     _prepare_model_dir(model_dir, model_path, summary_path)
     backup = _backup_callback(model_dir)
 
@@ -290,11 +348,9 @@ def _train():
     model = models.build_model(
         _MODEL.value, input_shape=data_lib.IMAGE_SHAPE, num_classes=data_lib.NUM_CLASSES
     )
-    schedule = keras.optimizers.schedules.CosineDecay(
-        _LEARNING_RATE.value, decay_steps=steps_per_epoch * _EPOCHS.value
-    )
+    logging.info("Hyper-parameters: %s.", presets.describe(preset))
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
+        optimizer=presets.make_optimizer(preset, steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
@@ -303,7 +359,15 @@ def _train():
     # JPEG decoding and Example parsing run inside fit and evaluate, so records that are
     # complete TFRecords but hold no valid image fail there.
     timer = EpochTimer()
-    callbacks = [timer, backup]
+    curve = StepCurve(_LOG_EVERY_N_STEPS.value, steps_per_epoch)
+    callbacks = [
+        timer,
+        curve,
+        backup,
+        keras.callbacks.TensorBoard(
+            os.path.join(model_dir, "logs"), update_freq=_LOG_EVERY_N_STEPS.value
+        ),
+    ]
     if telemetry_every_n_steps:
         callbacks.append(
             keras_dfp.telemetry.TensorBoardCallback(
@@ -313,7 +377,8 @@ def _train():
     with data_lib.convert_read_errors(data_lib.split_pattern(_DATA.value, "train")):
         history = model.fit(
             train_data,
-            epochs=_EPOCHS.value,
+            epochs=epochs,
+            steps_per_epoch=_STEPS_PER_EPOCH.value,
             callbacks=callbacks,
             shuffle=False,  # make_dataset already shuffles, with the seed.
             verbose=int(_VERBOSE.value),
@@ -326,9 +391,12 @@ def _train():
         "model": _MODEL.value,
         "policy": _POLICY.value,
         "data": _DATA.value or data_lib.SAMPLE_DIR,
-        "epochs": _EPOCHS.value,
-        "batch_size": _BATCH_SIZE.value,
-        "learning_rate": _LEARNING_RATE.value,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "optimizer": preset.optimizer,
+        "learning_rate": preset.learning_rate,
+        "schedule": presets.describe(preset),
         "seed": _SEED.value,
         "telemetry_every_n_steps": telemetry_every_n_steps,
         "strategy": _STRATEGY.value,
@@ -338,6 +406,7 @@ def _train():
         "mean_seconds_per_epoch": sum(timer.seconds) / len(timer.seconds),
         "train_loss": history.history["loss"],
         "train_accuracy": history.history["accuracy"],
+        "train_curve": curve.points,
         "test_loss": float(test_loss),
         "test_accuracy": float(test_accuracy),
         "model_path": model_path,
@@ -352,7 +421,7 @@ def _train():
     print(
         f"{_MODEL.value} ({_POLICY.value}): test accuracy {test_accuracy:.4f}, "
         f"test loss {test_loss:.4f} on {test_samples} images; "
-        f"{summary['mean_seconds_per_epoch']:.1f} s/epoch over {_EPOCHS.value} epochs."
+        f"{summary['mean_seconds_per_epoch']:.1f} s/epoch over {epochs} epochs."
     )
 
 

@@ -204,6 +204,7 @@ def make_dataset(
     seed=0,
     shuffle_buffer=10_000,
     max_records=None,
+    repeat=False,
 ):
     """Build a batched, prefetched dataset of (float32 images, int32 labels).
 
@@ -220,6 +221,8 @@ def make_dataset(
       seed: seed of the shuffle order and of the augmentation.
       shuffle_buffer: shuffle buffer size in records.
       max_records: if set, use only the first `max_records` records of the split.
+      repeat: repeat the data without end (after shuffling, so every pass gets a new
+        order), for training with a fixed number of steps per epoch.
 
     Raises:
       ValueError: if an argument is out of range.
@@ -255,6 +258,8 @@ def make_dataset(
     dataset = dataset.cache()
     if training:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        dataset = dataset.repeat()
     if augmentation:
         # One int64 per record, new every epoch but fixed by `seed`.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
