@@ -4,8 +4,8 @@ Das et al. (ICLR 2018) trained every network in DFP16 with the hyper-parameters 
 FP32 baseline. The presets of the ImageNet networks follow the published FP32 recipes:
 
 - ResNet-50: SGD with momentum 0.9, learning rate 0.1 per 256 images, weight decay
-  1e-4, 90 epochs, divided by 10 at epochs 30, 60 and 80 (He et al. 2016; Goyal et al.
-  2017 for the linear scaling with the batch size).
+  1e-4, 90 epochs, divided by 10 at epochs 30, 60 and 80 (the schedule and the linear
+  scaling with the batch size of Goyal et al. 2017, for He et al.'s 2016 network).
 - GoogLeNet (Inception v1): SGD with momentum 0.9, learning rate 0.04 per 256 images,
   weight decay 2e-4, 64 epochs, multiplied by 0.96 every 8 epochs as in Szegedy et al.
   2015. The paper gives no base rate; 0.04 per 256 images is this project's choice.
@@ -14,8 +14,9 @@ FP32 baseline. The presets of the ImageNet networks follow the published FP32 re
   10 when the validation accuracy stopped improving, three times in 74 epochs; fixed
   epochs make the schedule reproducible.
 - AlexNet: SGD with momentum 0.9, learning rate 0.01 per 256 images, weight decay 5e-4,
-  90 epochs, divided by 10 every 30 epochs (the step schedule of Krizhevsky et al. 2012
-  with fixed epochs).
+  90 epochs, divided by 10 at epochs 30 and 60. Krizhevsky et al. 2012 divided it by 10
+  when the validation error stopped improving, three times in about 90 epochs; fixed
+  epochs make the schedule reproducible.
 
 The CIFAR-10 networks use Adam with a cosine decay to 0, which trains both short and
 long runs without tuning: cifar_cnn keeps the main job's settings, and SimpleNet uses a
