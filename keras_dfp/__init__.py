@@ -15,11 +15,13 @@ _compat.check_environment()
 
 from keras_dfp import ops  # noqa: E402
 from keras_dfp import reference  # noqa: E402
+from keras_dfp import _distribute  # noqa: E402
 from keras_dfp import _integration  # noqa: E402
 from keras_dfp.policy import DFPPolicy  # noqa: E402
 from keras_dfp._integration import skipped_steps  # noqa: E402
 
 _integration.install()
+_distribute.install()
 
 from keras_dfp import layers  # noqa: E402
 from keras_dfp import telemetry  # noqa: E402
