@@ -16,6 +16,7 @@ steps at learning rate 1e-2 the measured maximum weight difference was
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,8 +27,11 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(REPO_ROOT, "tests", "training_job.py")
-JOB_TIMEOUT_SECONDS = 120
+# Upper bound of one run, far above the usual 10 to 30 s, because the test
+# machine may be shared with other jobs.
+JOB_TIMEOUT_SECONDS = 300
 DFP16_WEIGHT_TOLERANCE = 1e-3
+FLOAT32_WEIGHT_TOLERANCE = 1e-5
 
 
 def _environment(**extra):
@@ -38,15 +42,32 @@ def _environment(**extra):
     return env
 
 
-def _start(args, output, **env):
+def _start_command(command, stdout=subprocess.PIPE, **env):
+    # Each process leads its own process group, so that `_kill` ends it and
+    # anything it started.
     return subprocess.Popen(
-        [sys.executable, JOB, "--output", str(output), *args],
+        command,
         cwd=REPO_ROOT,
         env=_environment(**env),
-        stdout=subprocess.PIPE,
+        stdout=stdout,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
+
+
+def _start(args, output, **env):
+    return _start_command([sys.executable, JOB, "--output", str(output), *args], **env)
+
+
+def _kill(process):
+    """Send SIGKILL to the process group of `process` and wait for the process."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
 
 
 def _wait_all(processes):
@@ -58,9 +79,7 @@ def _wait_all(processes):
             outputs.append(output)
     finally:
         for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            _kill(process)
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-3000:]
     return outputs
@@ -93,7 +112,8 @@ def _max_difference(first, second):
 def runs(tmp_path_factory):
     """Run every configuration once, in parallel, and return their weights."""
     directory = tmp_path_factory.mktemp("distribute")
-    ports = _free_ports(2)
+    all_ports = _free_ports(4)
+    ports, float32_ports = all_ports[:2], all_ports[2:]
     common = ["--epochs", "2", "--batch_size", "4"]
     configs = {
         "single": (common, {}),
@@ -116,6 +136,15 @@ def runs(tmp_path_factory):
             + ["--strategy", "multi_worker", "--graph_report",
                str(directory / "worker1_graph.json")],
             {"TF_CONFIG": _tf_config(ports, 1)},
+        ),
+        "single_float32": (common + ["--policy", "float32"], {}),
+        "float32_worker0": (
+            common + ["--policy", "float32", "--strategy", "multi_worker"],
+            {"TF_CONFIG": _tf_config(float32_ports, 0)},
+        ),
+        "float32_worker1": (
+            common + ["--policy", "float32", "--strategy", "multi_worker"],
+            {"TF_CONFIG": _tf_config(float32_ports, 1)},
         ),
     }
     processes = [
@@ -151,6 +180,18 @@ def test_multi_worker_matches_single_device(runs):
     assert difference <= DFP16_WEIGHT_TOLERANCE, difference
 
 
+def test_multi_worker_float32_fit(runs):
+    weights, _ = runs
+    for key in weights["float32_worker0"].files:
+        np.testing.assert_array_equal(
+            weights["float32_worker0"][key], weights["float32_worker1"][key]
+        )
+    assert int(weights["float32_worker0"]["iterations"]) == 16
+    # Only the order of the float32 gradient sums differs from single-device training.
+    difference = _max_difference(weights["single_float32"], weights["float32_worker0"])
+    assert difference <= FLOAT32_WEIGHT_TOLERANCE, difference
+
+
 @pytest.mark.parametrize("name", ["mirrored", "worker0"])
 def test_all_reduce_carries_float32_only(runs, name):
     _, graphs = runs
@@ -178,12 +219,15 @@ def _read_until(process, marker, deadline):
 
 
 def test_multi_worker_restart_resumes(runs, tmp_path):
-    """Kill a worker mid-epoch, restart the job, and compare with an uninterrupted job.
+    """SIGKILL one fit worker mid-epoch, restart the job, and compare with an uninterrupted job.
 
-    MultiWorkerMirroredStrategy cannot replace one worker inside a running
-    job: the surviving worker waits in its next all-reduce until it detects
-    the failure. So, as a cluster manager would, the test stops every worker
-    and restarts them all, and they resume from their epoch checkpoints.
+    Both workers run `Model.fit` with BackupAndRestore (one backup directory per
+    worker, written after every epoch). MultiWorkerMirroredStrategy cannot
+    replace one worker inside a running job: the surviving worker waits in its
+    next all-reduce until the coordination service misses the dead worker's
+    heartbeats and fails the step (after about 20 s on the 2 vCPU test machine).
+    So, as a cluster manager would, the test then stops the surviving worker
+    and restarts both, and they resume from their backups of epoch 0.
     """
     weights, _ = runs
     backup_dir = tmp_path / "backup"
@@ -200,9 +244,20 @@ def test_multi_worker_restart_resumes(runs, tmp_path):
         ]
         processes.extend(first)
         _read_until(first[1], "PAUSED", deadline)
-        for process in reversed(first):
-            process.kill()
-            process.wait(timeout=10)
+        # Both workers have backed up epoch 0 before worker 1 reaches epoch 1.
+        for index in range(2):
+            metadata = json.loads(
+                (backup_dir / f"worker{index}" / "training_metadata.json").read_text()
+            )
+            assert metadata["epoch"] == 1, metadata
+
+        _kill(first[1])
+        assert first[1].returncode == -signal.SIGKILL
+        # Worker 0 cannot finish the step after the kill without worker 1.
+        _kill(first[0])
+        survivor_output = first[0].stdout.read()
+        assert "BATCH 1 4" not in survivor_output, survivor_output[-3000:]
+        assert "DONE" not in survivor_output, survivor_output[-3000:]
 
         ports = _free_ports(2)
         second = [
@@ -214,9 +269,7 @@ def test_multi_worker_restart_resumes(runs, tmp_path):
         outputs = _wait_all(second)
     finally:
         for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+            _kill(process)
 
     for output in outputs:
         epochs = [line for line in output.split("\n") if line.startswith("EPOCH")]
@@ -245,6 +298,52 @@ def test_cli_mirrored_strategy_trains(tmp_path):
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["strategy"] == "mirrored"
     assert summary["policy"] == "dfp16"
+
+
+def test_cli_multi_worker_fit_trains(tmp_path):
+    """Run the CLI's `Model.fit` path with two MultiWorkerMirroredStrategy workers."""
+    model_dir = tmp_path / "run"
+    ports = _free_ports(2)
+    command = [sys.executable, "-m", "model_garden.train", "--strategy=multi_worker",
+               "--epochs=1", "--batch_size=32", "--max_train_records=64",
+               "--max_test_records=32", "--verbose=0", f"--model_dir={model_dir}"]
+    # The logs go to files, because the CLI logs more than a pipe buffer holds.
+    # A worker blocked on a full pipe would also block the other worker's all-reduce.
+    logs = [tmp_path / f"worker{index}.log" for index in range(2)]
+    workers = []
+    try:
+        for index, log in enumerate(logs):
+            with open(log, "w", encoding="utf-8") as log_file:
+                workers.append(
+                    _start_command(command, stdout=log_file,
+                                   TF_CONFIG=_tf_config(ports, index))
+                )
+        for worker in workers:
+            worker.wait(timeout=JOB_TIMEOUT_SECONDS)
+    finally:
+        for worker in workers:
+            _kill(worker)
+    for worker, log in zip(workers, logs):
+        assert worker.returncode == 0, log.read_text()[-3000:]
+
+    # Worker 0 is the chief and writes to --model_dir. Worker 1 writes to a
+    # subdirectory, so the workers never write the same file.
+    summaries = [
+        json.loads((directory / "summary.json").read_text())
+        for directory in (model_dir, model_dir / "worker1")
+    ]
+    for summary in summaries:
+        assert summary["strategy"] == "multi_worker"
+        assert summary["policy"] == "dfp16"
+    assert (model_dir / "cifar_cnn.keras").is_file()
+    assert (model_dir / "worker1" / "cifar_cnn.keras").is_file()
+    # The logged loss is the mean over both workers' replicas, and evaluation
+    # runs on both, so the workers report the same numbers.
+    assert summaries[0]["train_loss"] == summaries[1]["train_loss"]
+    assert summaries[0]["test_accuracy"] == summaries[1]["test_accuracy"]
+    # BackupAndRestore deletes each worker's backup when fit ends.
+    assert not (model_dir / "backup").exists()
+    assert not (model_dir / "worker1" / "backup").exists()
 
 
 def test_cli_multi_worker_requires_tf_config(tmp_path):

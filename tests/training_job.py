@@ -170,13 +170,24 @@ def _graph_report(model, strategy, batch_size):
     return report
 
 
-def _fit(keras, model, args):
+def _backup_dir(args, strategy):
+    """Return the BackupAndRestore directory of this process.
+
+    Keras 3.15 BackupAndRestore does not know about workers, so each
+    MultiWorkerMirroredStrategy worker backs up into its own subdirectory.
+    """
+    if args.strategy != "multi_worker":
+        return args.backup_dir
+    return os.path.join(args.backup_dir, f"worker{strategy.cluster_resolver.task_id}")
+
+
+def _fit(keras, model, strategy, args):
     callbacks = [_make_progress_callback(keras, args.pause_at)]
     if args.backup_dir:
         save_freq = args.save_freq if args.save_freq == "epoch" else int(args.save_freq)
         callbacks.append(
             keras.callbacks.BackupAndRestore(
-                args.backup_dir,
+                _backup_dir(args, strategy),
                 save_freq=save_freq,
                 double_checkpoint=True,
                 delete_checkpoint=False,
@@ -190,53 +201,6 @@ def _fit(keras, model, args):
         shuffle=False,
         verbose=0,
     )
-
-
-def _train_multi_worker(model, strategy, args):
-    """Train with a custom loop that calls `model.train_step` on every replica.
-
-    Keras 3.15 `Model.fit` fails under MultiWorkerMirroredStrategy with more
-    than one worker (it reduces the first PerReplica batch eagerly,
-    keras-team/keras#20585), so the workers run the same step without fit.
-    With --backup_dir every worker writes a tf.train.Checkpoint to its own
-    subdirectory after each epoch and, on start, resumes from the latest one.
-    """
-    # Create the optimizer and metric variables before the first step, in
-    # cross-replica context, as fit does in `_symbolic_build`.
-    with strategy.scope():
-        model._symbolic_build(data_batch=next(iter(_dataset(args.batch_size))))
-        next_epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-
-    manager = None
-    if args.backup_dir:
-        checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=model.optimizer, next_epoch=next_epoch
-        )
-        worker_dir = os.path.join(
-            args.backup_dir, f"worker{strategy.cluster_resolver.task_id}"
-        )
-        manager = tf.train.CheckpointManager(checkpoint, worker_dir, max_to_keep=2)
-        if manager.latest_checkpoint:
-            checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-
-    pause = tuple(int(part) for part in args.pause_at.split(":")) if args.pause_at else None
-    dataset = strategy.experimental_distribute_dataset(_dataset(args.batch_size))
-    step = tf.function(lambda data: strategy.run(model.train_step, args=(data,)))
-    for epoch in range(int(next_epoch.numpy()), args.epochs):
-        print(f"EPOCH {epoch}", flush=True)
-        for batch, data in enumerate(dataset):
-            if args.steps is not None and batch >= args.steps:
-                break
-            step(data)
-            print(f"BATCH {epoch} {batch}", flush=True)
-            if (epoch, batch) == pause:
-                print("PAUSED", flush=True)
-                time.sleep(MAX_PAUSE_SECONDS)
-        next_epoch.assign(epoch + 1)
-        if manager is not None:
-            # Every worker saves, because saving may read variables that
-            # need a collective operation of all workers.
-            manager.save()
 
 
 def main(argv):
@@ -258,10 +222,7 @@ def main(argv):
     with strategy.scope():
         model = _build_model(keras, args.policy)
 
-    if args.strategy == "multi_worker":
-        _train_multi_worker(model, strategy, args)
-    else:
-        _fit(keras, model, args)
+    _fit(keras, model, strategy, args)
 
     weights = {f"w{index}": value for index, value in enumerate(model.get_weights())}
     weights["iterations"] = np.array(int(model.optimizer.iterations.numpy()))
