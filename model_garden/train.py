@@ -225,23 +225,95 @@ def _prepare_model_dir(model_dir, model_path, summary_path):
         )
 
 
+def _cluster_resolver():
+    """Return the TF_CONFIG cluster resolver of a --strategy=multi_worker run.
+
+    Raises:
+      RunError: if TF_CONFIG is unset or does not name this process's task.
+    """
+    if not os.environ.get("TF_CONFIG"):
+        raise RunError(
+            "Expected TF_CONFIG to describe the cluster for --strategy=multi_worker. "
+            "Received: TF_CONFIG unset. Set it per worker (see docs/distributed.md) "
+            "or pass --strategy=none."
+        )
+    try:
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+        cluster = resolver.cluster_spec().as_dict()
+    except ValueError as error:
+        raise RunError(
+            "Expected TF_CONFIG to be the JSON description of the cluster. "
+            f"Received: TF_CONFIG={os.environ['TF_CONFIG']!r}, which failed with: {error}. "
+            "See docs/distributed.md for an example."
+        ) from error
+    if not cluster or resolver.task_type is None or resolver.task_id is None:
+        raise RunError(
+            "Expected TF_CONFIG to contain \"cluster\" and this worker's \"task\" "
+            f"(type and index). Received: TF_CONFIG={os.environ['TF_CONFIG']!r}. "
+            "See docs/distributed.md for an example."
+        )
+    return resolver
+
+
+def _worker_model_dir(model_dir):
+    """Return the directory for this process's outputs: `model_dir`, or a subdirectory.
+
+    Under --strategy=multi_worker only the chief (task "chief", or worker 0 if the
+    cluster has no chief) writes to `model_dir`. Every other worker writes its model,
+    summary, logs and BackupAndRestore backup to `model_dir/<task type><task index>`,
+    because two workers that write one file on a shared file system can corrupt it
+    or fail on its lock. Each worker restores its own backup, so the directories
+    also work when the workers do not share a file system.
+
+    Raises:
+      RunError: from `_cluster_resolver`.
+    """
+    if _STRATEGY.value != "multi_worker":
+        return model_dir
+    resolver = _cluster_resolver()
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    task = (resolver.task_type, resolver.task_id)
+    if task == (("chief", 0) if has_chief else ("worker", 0)):
+        return model_dir
+    return os.path.join(model_dir, f"{resolver.task_type}{resolver.task_id}")
+
+
 def _make_strategy(name):
-    """Return the tf.distribute strategy that --strategy selects, or None for "none"."""
+    """Return the tf.distribute strategy that --strategy selects, or None for "none".
+
+    Raises:
+      RunError: for --strategy=multi_worker without TF_CONFIG or without keras_dfp.
+    """
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        # NOTE: with more than one worker, Keras 3.15 Model.fit fails before the
-        # first step, because it reduces a PerReplica batch eagerly
-        # (keras-team/keras#20585). tests/training_job.py runs a custom loop
-        # over Model.train_step that works.
-        if not os.environ.get("TF_CONFIG"):
+        _cluster_resolver()
+        # Importing keras_dfp patches the two functions of the Keras 3.15 trainer
+        # that make Model.fit fail with more than one worker (keras_dfp/_distribute.py).
+        if "keras_dfp" not in sys.modules:
             raise RunError(
-                "Expected TF_CONFIG to describe the cluster for --strategy=multi_worker. "
-                "Received: TF_CONFIG unset. Set it per worker (see docs/distributed.md) "
-                "or pass --strategy=none."
+                "Expected keras_dfp to be importable for --strategy=multi_worker, "
+                "because it makes Keras 3.15 Model.fit work with more than one worker. "
+                "Received: importing keras_dfp failed (see the warning above). Run `make build`."
             )
         return tf.distribute.MultiWorkerMirroredStrategy()
     return None
+
+
+def _shard_by_element(dataset):
+    """Return `dataset` with auto-sharding by element, for --strategy=multi_worker.
+
+    The default policy shards by file and fails when there are fewer files than
+    workers (the embedded sample has one per split). Sharding by element splits
+    every global batch across the workers, so every worker runs the same number of
+    steps on the same global batches as a single-worker run, as long as all workers
+    shuffle with the same --seed. Each worker still reads and decodes every record.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return dataset.with_options(options)
 
 
 def _backup_callback(model_dir):
@@ -287,7 +359,12 @@ def _train():
     """
     # keras_dfp registers the "dfp16" policy, so it is imported before the policy is set.
     keras_dfp = _import_keras_dfp(_POLICY.value)
-    model_dir = _MODEL_DIR.value or os.path.join("runs", f"{_MODEL.value}-{_POLICY.value}")
+    # MultiWorkerMirroredStrategy must be created before TensorFlow runs any op,
+    # so before the data pipeline below.
+    strategy = _make_strategy(_STRATEGY.value)
+    model_dir = _worker_model_dir(
+        _MODEL_DIR.value or os.path.join("runs", f"{_MODEL.value}-{_POLICY.value}")
+    )
     model_path = os.path.join(model_dir, f"{_MODEL.value}.keras")
     summary_path = os.path.join(model_dir, "summary.json")
     preset = presets.resolve(
@@ -337,7 +414,10 @@ def _train():
     keras.mixed_precision.set_global_policy(_POLICY.value)
     # Like `with strategy.scope():` for the rest of the process, so the model and
     # its optimizer below are created under the strategy.
-    tf.distribute.experimental_set_strategy(_make_strategy(_STRATEGY.value))
+    tf.distribute.experimental_set_strategy(strategy)
+    if _STRATEGY.value == "multi_worker":
+        train_data = _shard_by_element(train_data)
+        test_data = _shard_by_element(test_data)
     keras.utils.set_random_seed(_SEED.value)
     tf.config.experimental.enable_op_determinism()
     logging.info(
