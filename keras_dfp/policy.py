@@ -31,9 +31,13 @@ _STOCHASTIC_PREFIX = POLICY_NAME + "_stochastic"
 _SEED_PREFIX = _STOCHASTIC_PREFIX + "_seed"
 _SKIP_SUFFIX = "_skip"
 
-# Layer configs store the policy name with this prefix (see `serialized_name`),
-# so Keras without keras_dfp fails with a message that names the package.
+# Layer configs store the policy name between this prefix and suffix (see
+# `serialized_name`). Keras without keras_dfp quotes the stored name in its
+# error, "Cannot convert '<name>' to a mixed precision DTypePolicy", so the
+# suffix tells the user what to install and import. Files written before the
+# suffix existed store the prefixed name alone and still load.
 SERIALIZED_PREFIX = "keras_dfp>"
+SERIALIZED_SUFFIX = " (pip install keras-dfp, then import keras_dfp before loading)"
 
 # Stochastic-rounding seeds are int64 values, as the KerasDfp>Quantize seed input.
 MIN_SEED = -(2**63)
@@ -55,15 +59,20 @@ def policy_name(rounding, seed, nonfinite="raise"):
 
 
 def serialized_name(policy):
-    """Return the name a layer config stores for `policy`, e.g. "keras_dfp>dfp16"."""
-    return SERIALIZED_PREFIX + policy.name
+    """Return the name a layer config stores for `policy`.
+
+    For example "keras_dfp>dfp16 (pip install keras-dfp, then import keras_dfp
+    before loading)".
+    """
+    return SERIALIZED_PREFIX + policy.name + SERIALIZED_SUFFIX
 
 
 def parse_policy_name(name):
     """Return `(rounding, seed, nonfinite)` for a DFP16 policy name, or None.
 
-    Accepts the names of `policy_name()` with or without the "keras_dfp>"
-    prefix, and returns None for every other name. Rounding and seed are None
+    Accepts the names of `policy_name()`, alone or as `serialized_name()`
+    stores them (with the "keras_dfp>" prefix, and with or without the install
+    hint), and returns None for every other name. Rounding and seed are None
     when the name does not fix them ("dfp16", "dfp16_skip"). The non-finite
     mode is "skip_step" for names ending in "_skip" and "raise" otherwise.
     """
@@ -71,6 +80,8 @@ def parse_policy_name(name):
         return None
     if name.startswith(SERIALIZED_PREFIX):
         name = name[len(SERIALIZED_PREFIX) :]
+        if name.endswith(SERIALIZED_SUFFIX):
+            name = name[: -len(SERIALIZED_SUFFIX)]
     nonfinite = "raise"
     if name.endswith(_SKIP_SUFFIX):
         name = name[: -len(_SKIP_SUFFIX)]

@@ -155,10 +155,25 @@ def test_policy_serialization_round_trip():
     policy = DFPPolicy(rounding="stochastic", seed=11)
     config = keras.dtype_policies.serialize(policy)
     assert config["class_name"] == "DTypePolicy"
-    assert config["config"] == {"name": "keras_dfp>dfp16_stochastic_seed11"}
+    assert config["config"] == {
+        "name": "keras_dfp>dfp16_stochastic_seed11 (pip install keras-dfp, "
+        "then import keras_dfp before loading)"
+    }
     restored = keras.dtype_policies.deserialize(config)
     assert type(restored) is DFPPolicy
     assert restored == policy
+
+
+def test_policy_deserializes_name_without_install_hint():
+    # Files saved before the install hint existed store the name in this form.
+    config = {
+        "module": "keras",
+        "class_name": "DTypePolicy",
+        "config": {"name": "keras_dfp>dfp16_stochastic_seed11_skip"},
+        "registered_name": None,
+    }
+    restored = keras.dtype_policies.deserialize(config)
+    assert restored == DFPPolicy("dfp16_stochastic_seed11_skip")
 
 
 def test_policy_registered_serialization_round_trip():

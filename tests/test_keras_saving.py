@@ -1,5 +1,6 @@
 """Tests of `.keras` saving and loading for models with DFP16 layers."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import textwrap
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_dfp  # noqa: F401  (installs the Keras integration)
 from keras_dfp import DFPPolicy
@@ -16,6 +18,9 @@ from keras_dfp.layers import DFPDense
 
 SEED = 4321
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Guards against a hung interpreter only. A fresh TensorFlow import can take
+# minutes on a loaded machine.
+SUBPROCESS_TIMEOUT_SECONDS = 300
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +124,13 @@ def test_round_trip_differs_from_float32_model(tmp_path):
     )
 
 
+def _subprocess_env():
+    """Return an environment in which Python finds keras_dfp only through sys.path edits."""
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def test_load_without_keras_dfp_names_package(tmp_path):
     path = str(tmp_path / "model.keras")
     _global_policy_model().save(path)
@@ -136,17 +148,80 @@ def test_load_without_keras_dfp_names_package(tmp_path):
             print("loaded without error")
         """
     )
-    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("PYTHONPATH", None)
     result = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,
         cwd=str(tmp_path),
-        env=env,
-        timeout=120,
+        env=_subprocess_env(),
+        timeout=SUBPROCESS_TIMEOUT_SECONDS,
         check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "loaded without error" not in result.stdout
-    assert "Cannot convert 'keras_dfp>dfp16'" in result.stdout
+    assert "Cannot convert 'keras_dfp>dfp16 (" in result.stdout
+    assert "pip install keras-dfp, then import keras_dfp before loading" in result.stdout
+
+
+# Loads the two SavedModels and prints one JSON line: the outputs, or the error.
+_SAVED_MODEL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    if sys.argv[1] == "import":
+        sys.path.insert(0, sys.argv[2])
+        import keras_dfp
+    x = tf.constant(np.load("images.npy"))
+    result = {}
+    for name in ("exported", "saved"):
+        try:
+            loaded = tf.saved_model.load(name)
+        except Exception as error:  # Report any failure to the parent test.
+            result[name] = f"{type(error).__name__}: {error}"
+            continue
+        signature = loaded.signatures["serving_default"]
+        (output,) = signature(**{list(signature.structured_input_signature[1])[0]: x}).values()
+        np.save(name + "_outputs.npy", output.numpy())
+        result[name] = "served"
+    result["keras_dfp_imported"] = "keras_dfp" in sys.modules
+    print(json.dumps(result))
+    """
+)
+
+
+def test_saved_model_needs_keras_dfp_ops(tmp_path):
+    """Load `model.export` and `tf.saved_model.save` outputs with and without keras_dfp.
+
+    Without keras_dfp, TensorFlow fails inside `tf.saved_model.load` on the
+    first unregistered op, before any code of the SavedModel runs, so the
+    message can only name the op: "Op type not registered 'KerasDfp>...'".
+    """
+    model = _global_policy_model()
+    model.export(str(tmp_path / "exported"), verbose=False)
+    tf.saved_model.save(model, str(tmp_path / "saved"))
+    np.save(tmp_path / "images.npy", _images(4))
+    expected = model.predict(_images(4), verbose=0)
+
+    results = {}
+    for mode in ("no_import", "import"):
+        completed = subprocess.run(
+            [sys.executable, "-c", _SAVED_MODEL_SCRIPT, mode, REPO_ROOT],
+            capture_output=True,
+            text=True,
+            cwd=str(tmp_path),
+            env=_subprocess_env(),
+            timeout=SUBPROCESS_TIMEOUT_SECONDS,
+            check=False,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        results[mode] = json.loads(completed.stdout.strip().split("\n")[-1])
+
+    assert results["no_import"]["keras_dfp_imported"] is False
+    for name in ("exported", "saved"):
+        error = results["no_import"][name]
+        assert error.startswith("RuntimeError: Op type not registered 'KerasDfp>"), error
+    assert results["import"]["keras_dfp_imported"] is True
+    for name in ("exported", "saved"):
+        assert results["import"][name] == "served"
+        np.testing.assert_array_equal(np.load(tmp_path / f"{name}_outputs.npy"), expected)
