@@ -27,9 +27,11 @@ change and every layer without a `DFPPolicy` runs the original Keras method:
 - `Layer._check_quantize_args` rejects Keras post-training quantization of a
   DFP16 layer.
 - `dtype_policies.serialize`, which `Layer.get_config` calls, writes a
-  `DFPPolicy` as a stock DTypePolicy named "keras_dfp>dfp16". Keras without
-  keras_dfp then fails with "Cannot convert 'keras_dfp>dfp16' ...", which
-  names the package, where the registered-class form would fail with an
+  `DFPPolicy` as a stock DTypePolicy whose name is the policy name with the
+  prefix "keras_dfp>" and an install hint (`policy.serialized_name`). Keras
+  without keras_dfp then fails with "Cannot convert 'keras_dfp>dfp16 (pip
+  install keras-dfp, then import keras_dfp before loading)' to a mixed
+  precision DTypePolicy", where the registered-class form would fail with an
   AttributeError on a str.
 - `use_ops(backend)` temporarily routes every DFP16 layer call through another
   set of functions with the signatures of `DFP_OPS`. `keras_dfp.export` uses it
@@ -42,6 +44,10 @@ change and every layer without a `DFPPolicy` runs the original Keras method:
 - `TensorFlowTrainer.train_step` of such a model restores the non-trainable
   and metric variables that the forward pass changed when the optimizer
   skipped the step (see `_patch_train_step`).
+- `Trainer.compile` of such a model creates the skipped-step counter, so
+  `load_model` and `BackupAndRestore` can restore the saved count into it.
+  The counter and the stochastic-rounding generator state are saved through
+  `keras_dfp._state.DFPState` objects (see that module).
 """
 
 import contextlib
@@ -73,6 +79,7 @@ from keras.src.trainers import trainer as trainer_module
 from keras_dfp import ops
 from keras_dfp import ops_extra
 from keras_dfp import telemetry
+from keras_dfp import _state
 from keras_dfp.policy import POLICY_NAME
 from keras_dfp.policy import parse_policy_name
 from keras_dfp.policy import serialized_name
@@ -234,15 +241,13 @@ def _stochastic_seed_generator_seed(policy, layer):
 
 
 def _create_seed_generator(layer):
-    # NOTE: `.keras` files do not store the generator state, because Conv2D
-    # and Dense save only kernel and bias. A loaded model restarts the rounding
-    # stream from the policy seed.
     policy = effective_policy(layer)
     if policy.rounding == "stochastic":
         layer._dfp_seed_generator = keras.random.SeedGenerator(
             _stochastic_seed_generator_seed(policy, layer),
             name="dfp_rounding_seed",
         )
+        _state.attach_rounding_state(layer, layer._dfp_seed_generator)
 
 
 def _rounding_args(layer):
@@ -770,23 +775,6 @@ def _skips_nonfinite_steps(variables):
     )
 
 
-def skipped_steps_variable(optimizer):
-    """Return the int64 count of steps `optimizer` skipped, creating it at 0 if needed.
-
-    The counter is a plain `tf.Variable` attached without Keras tracking, so
-    `optimizer.variables` and the optimizer state in `.keras` files do not
-    change. A loaded model therefore starts counting from 0 again.
-    """
-    counter = getattr(optimizer, "_keras_dfp_skipped_steps", None)
-    if counter is None:
-        with tf.init_scope():
-            counter = tf.Variable(
-                0, dtype=tf.int64, trainable=False, name="dfp_skipped_steps"
-            )
-        object.__setattr__(optimizer, "_keras_dfp_skipped_steps", counter)
-    return counter
-
-
 def skipped_steps(model_or_optimizer):
     """Return how many optimizer steps were skipped for a non-finite gradient.
 
@@ -796,7 +784,9 @@ def skipped_steps(model_or_optimizer):
             has nonfinite="skip_step", such as "dfp16_skip".
 
     Returns:
-        Python int, 0 before the first skipped step.
+        Python int, 0 before the first skipped step. `.keras` and
+        `.weights.h5` files and `tf.train.Checkpoint` store the count with
+        the optimizer, so a loaded model continues counting.
     """
     optimizer = model_or_optimizer
     if isinstance(model_or_optimizer, keras.Model):
@@ -807,7 +797,7 @@ def skipped_steps(model_or_optimizer):
             f"model_or_optimizer of type {type(model_or_optimizer).__name__} "
             f"with optimizer={optimizer!r}. Call model.compile(...) first."
         )
-    return int(skipped_steps_variable(optimizer).numpy())
+    return _state.skipped_steps_count(optimizer)
 
 
 def _log_skipped_step(optimizer_name, iterations, skipped):
@@ -834,7 +824,7 @@ def _apply_or_skip(optimizer, original_apply, grads, trainable_variables, tensor
         with keras.name_scope(optimizer.name, caller=optimizer):
             optimizer.build(trainable_variables)
         optimizer.built = True
-    counter = skipped_steps_variable(optimizer)
+    counter = _state.skipped_steps_variable(optimizer)
     all_finite = tf.reduce_all(
         tf.stack([tf.reduce_all(tf.math.is_finite(tensor)) for tensor in tensors])
     )
@@ -882,7 +872,7 @@ def _patch_optimizer_apply():
 
     When a variable belongs to a DFP16 layer with nonfinite="skip_step", the
     update runs only if every gradient is finite, and otherwise the skip
-    counter of `skipped_steps_variable` increments (see `_apply_or_skip`).
+    counter of `_state.skipped_steps_variable` increments (see `_apply_or_skip`).
     """
     original_apply = BaseOptimizer.apply
 
@@ -933,7 +923,7 @@ def _patch_train_step():
     def train_step(self, data):
         if self.optimizer is None or not _model_skips_nonfinite_steps(self):
             return original_train_step(self, data)
-        counter = skipped_steps_variable(self.optimizer)
+        counter = _state.skipped_steps_variable(self.optimizer)
         variables = list(self.non_trainable_variables) + list(self.metrics_variables)
         skipped_before = tf.identity(counter.read_value())
         saved = [tf.identity(variable.value) for variable in variables]
@@ -956,6 +946,27 @@ def _patch_train_step():
     tf_trainer_module.TensorFlowTrainer.train_step = train_step
 
 
+def _patch_compile_state():
+    """Create the skipped-step counter when a model with a "skip_step" layer compiles.
+
+    `load_model` compiles a model from its saved config before it loads the
+    saved state, and `BackupAndRestore` loads after `fit` compiled, so the
+    counter exists in time to receive the saved count.
+    """
+    trainer_class = trainer_module.Trainer
+    original_compile = trainer_class.compile
+
+    @functools.wraps(original_compile)
+    def compile(self, *args, **kwargs):
+        result = original_compile(self, *args, **kwargs)
+        optimizer = getattr(self, "optimizer", None)
+        if isinstance(optimizer, BaseOptimizer) and _model_skips_nonfinite_steps(self):
+            _state.skipped_steps_variable(optimizer)
+        return result
+
+    trainer_class.compile = compile
+
+
 def install():
     """Install every Keras patch once. Later calls do nothing."""
     global _installed
@@ -973,4 +984,5 @@ def install():
     _patch_xla()
     _patch_optimizer_apply()
     _patch_train_step()
+    _patch_compile_state()
     _installed = True

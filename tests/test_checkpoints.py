@@ -2,22 +2,18 @@
 
 Resume tests compare against an uninterrupted run with the same seed, with
 np.array_equal: under nearest-even rounding every DFP16 op is deterministic,
-and the float32 ops of these small models (BatchNormalization, pooling, Adam)
-give the same result for the same inputs on one CPU. The tests do not call
-`enable_op_determinism`, because it would stay on for later tests in the same
-process and change Keras' jit_compile="auto" choice.
+stochastic rounding draws from per-layer seed generators whose state the
+checkpoints store, and the float32 ops of these small models
+(BatchNormalization, pooling, Adam) give the same result for the same inputs
+on one CPU. The tests do not call `enable_op_determinism`, because it would
+stay on for later tests in the same process and change Keras'
+jit_compile="auto" choice.
 
-What each format stores:
-- `.keras` and `.weights.h5` (also ModelCheckpoint and BackupAndRestore):
-  weights and optimizer state, not the stochastic-rounding generator state,
-  so a stochastic run that resumes from them restarts its rounding stream.
-- `tf.train.Checkpoint(model=..., optimizer=...)`: weights and optimizer
-  state. It stores the rounding generator states only when they are passed
-  in explicitly (`_rounding_states` below), and then a stochastic run resumes
-  bit-identically too.
-
-Stochastic rounding streams also depend on layer names, so a resumed model
-must use the same layer names as the saved one.
+Every format (`.keras`, `.weights.h5`, ModelCheckpoint, BackupAndRestore,
+`tf.train.Checkpoint`) stores weights, optimizer state, the
+stochastic-rounding generator states and the skipped-step count. `.keras`
+files also store the policy. Stochastic rounding streams also depend on layer
+names, so a resumed model must use the same layer names as the saved one.
 """
 
 import json
@@ -27,13 +23,15 @@ import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras_dfp  # noqa: F401  (installs the Keras integration)
+import keras_dfp
 from keras_dfp import DFPPolicy
 
 SEED = 2468
@@ -42,6 +40,12 @@ JOB = os.path.join(REPO_ROOT, "tests", "training_job.py")
 SUBPROCESS_TIMEOUT_SECONDS = 120
 EPOCHS = 4
 RESUME_EPOCH = 2
+# Nearest-even rounding, stochastic rounding, and stochastic rounding that
+# skips the NaN batch of every epoch (`_data`), which also saves a nonzero
+# skipped-step count.
+POLICIES = ["dfp16", "dfp16_stochastic_seed11", "dfp16_stochastic_seed11_skip"]
+STOCHASTIC_POLICIES = POLICIES[1:]
+SKIP_POLICY = POLICIES[2]
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +54,12 @@ def reset_global_policy():
     keras.config.set_dtype_policy("float32")
 
 
-def _data():
+def _data(policy="dfp16"):
+    """Return 16 images and labels. Under a skip policy, batch 1 contains a NaN."""
     rng = np.random.default_rng(SEED)
     images = rng.standard_normal((16, 8, 8, 3)).astype("float32")
+    if DFPPolicy(policy).nonfinite == "skip_step":
+        images[5, 2, 3, 1] = np.nan
     return images, np.arange(16) % 3
 
 
@@ -77,8 +84,12 @@ def _model(policy="dfp16", init_seed=SEED):
     return model
 
 
+def _policy_name(model):
+    return model.get_layer("conv").dtype_policy.name
+
+
 def _fit(model, epochs, initial_epoch=0, callbacks=()):
-    images, labels = _data()
+    images, labels = _data(_policy_name(model))
     model.fit(
         images,
         labels,
@@ -97,38 +108,92 @@ def _uninterrupted(policy="dfp16"):
     return model
 
 
-def _rounding_states(model):
-    """Return the stochastic-rounding generator state variables of `model`."""
-    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+def _rounding_state(model, layer_name="conv"):
+    return model.get_layer(layer_name)._dfp_seed_generator.state.numpy()
 
 
 def _assert_same_state(expected, actual):
+    """Assert equal variables, optimizer variables and skipped-step counts."""
     assert len(expected.variables) == len(actual.variables)
     for want, got in zip(expected.variables, actual.variables):
         np.testing.assert_array_equal(want.numpy(), got.numpy(), err_msg=want.path)
     for want, got in zip(expected.optimizer.variables, actual.optimizer.variables):
         np.testing.assert_array_equal(want.numpy(), got.numpy(), err_msg=want.path)
+    assert keras_dfp.skipped_steps(actual) == keras_dfp.skipped_steps(expected)
 
 
-def test_keras_file_resume_bit_identical(tmp_path):
-    model = _model()
+def _assert_resumed_run(policy, restored):
+    """Finish a resumed run and compare it with an uninterrupted one."""
+    _fit(restored, EPOCHS, initial_epoch=RESUME_EPOCH)
+    expected = _uninterrupted(policy)
+    _assert_same_state(expected, restored)
+    if policy == SKIP_POLICY:
+        assert keras_dfp.skipped_steps(restored) == EPOCHS
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_keras_file_resume_bit_identical(tmp_path, policy):
+    model = _model(policy)
     _fit(model, RESUME_EPOCH)
     path = str(tmp_path / "model.keras")
     model.save(path)
 
     restored = keras.models.load_model(path)
-    assert isinstance(restored.layers[1].dtype_policy, DFPPolicy)
-    _fit(restored, EPOCHS, initial_epoch=RESUME_EPOCH)
-    _assert_same_state(_uninterrupted(), restored)
+    assert restored.get_layer("conv").dtype_policy == DFPPolicy(policy)
+    _assert_same_state(model, restored)
+    _assert_resumed_run(policy, restored)
 
 
-def test_tf_checkpoint_resume_bit_identical_stochastic(tmp_path):
-    policy = "dfp16_stochastic_seed11"
+@pytest.mark.parametrize("policy", STOCHASTIC_POLICIES)
+def test_keras_file_keeps_rounding_state(tmp_path, policy):
+    model = _model(policy)
+    fresh_state = _rounding_state(model)
+    _fit(model, 1)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+
+    restored = keras.models.load_model(path)
+    assert not np.array_equal(_rounding_state(model), fresh_state)
+    for layer_name in ("conv", "dense"):
+        np.testing.assert_array_equal(
+            _rounding_state(restored, layer_name), _rounding_state(model, layer_name)
+        )
+
+
+def test_skipped_steps_survive_keras_file(tmp_path):
+    model = _model(SKIP_POLICY)
+    _fit(model, 3)
+    assert keras_dfp.skipped_steps(model) == 3
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+
+    assert keras_dfp.skipped_steps(keras.models.load_model(path)) == 3
+
+
+def test_file_without_rounding_state_restarts_stream(tmp_path, caplog):
+    policy = STOCHASTIC_POLICIES[0]
+    model = _model(policy)
+    _fit(model, 1)
+    path = str(tmp_path / "model.weights.h5")
+    model.save_weights(path)
+    # The layout of a file written before keras_dfp stored its state.
+    with h5py.File(path, "a") as weights:
+        for layer_name in ("conv2d", "dense"):
+            del weights[f"layers/{layer_name}/_keras_dfp_state"]
+
+    restored = _model(policy)
+    fresh_state = _rounding_state(restored)
+    restored.load_weights(path)
+
+    np.testing.assert_array_equal(_rounding_state(restored), fresh_state)
+    assert "Found no saved seed_generator_state for layer 'conv'" in caplog.text
+
+
+@pytest.mark.parametrize("policy", STOCHASTIC_POLICIES)
+def test_tf_checkpoint_resume_bit_identical(tmp_path, policy):
     model = _model(policy)
     _fit(model, RESUME_EPOCH)
-    checkpoint = tf.train.Checkpoint(
-        model=model, optimizer=model.optimizer, rounding=_rounding_states(model)
-    )
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
     manager = tf.train.CheckpointManager(checkpoint, str(tmp_path), max_to_keep=2)
     manager.save()
 
@@ -136,44 +201,23 @@ def test_tf_checkpoint_resume_bit_identical_stochastic(tmp_path):
     restored = _model(policy, init_seed=SEED + 1)
     restored.optimizer.build(restored.trainable_variables)
     restored_checkpoint = tf.train.Checkpoint(
-        model=restored, optimizer=restored.optimizer, rounding=_rounding_states(restored)
+        model=restored, optimizer=restored.optimizer
     )
     status = restored_checkpoint.restore(manager.latest_checkpoint)
     status.assert_existing_objects_matched()
-    conv = restored.layers[1]
-    np.testing.assert_array_equal(
-        conv._dfp_seed_generator.state.numpy(),
-        model.layers[1]._dfp_seed_generator.state.numpy(),
-    )
-    _fit(restored, EPOCHS, initial_epoch=RESUME_EPOCH)
-    _assert_same_state(_uninterrupted(policy), restored)
+    np.testing.assert_array_equal(_rounding_state(restored), _rounding_state(model))
+    _assert_same_state(model, restored)
+    _assert_resumed_run(policy, restored)
 
 
-def test_keras_file_restarts_rounding_stream(tmp_path):
-    policy = "dfp16_stochastic_seed11"
-    model = _model(policy)
-    fresh_state = model.layers[1]._dfp_seed_generator.state.numpy()
-    _fit(model, RESUME_EPOCH)
-    path = str(tmp_path / "model.keras")
-    model.save(path)
-
-    restored = keras.models.load_model(path)
-    assert restored.layers[1].dtype_policy == DFPPolicy(policy)
-    # The .keras file keeps the policy but not the generator state, so the
-    # loaded layer starts its rounding stream again from the policy seed.
-    np.testing.assert_array_equal(
-        restored.layers[1]._dfp_seed_generator.state.numpy(), fresh_state
-    )
-
-
-def test_model_checkpoint_resume_bit_identical(tmp_path):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_model_checkpoint_resume_bit_identical(tmp_path, policy):
     pattern = str(tmp_path / "epoch{epoch}.keras")
-    model = _model()
+    model = _model(policy)
     _fit(model, RESUME_EPOCH, callbacks=[keras.callbacks.ModelCheckpoint(pattern)])
 
     restored = keras.models.load_model(pattern.format(epoch=RESUME_EPOCH))
-    _fit(restored, EPOCHS, initial_epoch=RESUME_EPOCH)
-    _assert_same_state(_uninterrupted(), restored)
+    _assert_resumed_run(policy, restored)
 
 
 class _Interrupt(keras.callbacks.Callback):
@@ -188,20 +232,49 @@ class _Interrupt(keras.callbacks.Callback):
             raise RuntimeError("interrupted on purpose")
 
 
-def test_backup_and_restore_resume_bit_identical(tmp_path):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_backup_and_restore_resume_bit_identical(tmp_path, policy):
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
-    model = _model()
+    model = _model(policy)
     with pytest.raises(RuntimeError, match="interrupted on purpose"):
         _fit(model, EPOCHS, callbacks=[backup, _Interrupt(RESUME_EPOCH)])
 
-    restored = _model(init_seed=SEED + 1)
+    restored = _model(policy, init_seed=SEED + 1)
     backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
     _fit(restored, EPOCHS, callbacks=[backup])
-    _assert_same_state(_uninterrupted(), restored)
+    expected = _uninterrupted(policy)
+    _assert_same_state(expected, restored)
+    if policy == SKIP_POLICY:
+        assert keras_dfp.skipped_steps(restored) == EPOCHS
+
+
+def _h5_datasets(path):
+    """Return {dataset path: array} of an .h5 file or of the weights in a .keras file."""
+    if path.endswith(".keras"):
+        with zipfile.ZipFile(path) as archive:
+            data = archive.read("model.weights.h5")
+        path = path + ".weights.h5"
+        with open(path, "wb") as extracted:
+            extracted.write(data)
+    datasets = {}
+
+    def collect(name, item):
+        if isinstance(item, h5py.Dataset):
+            datasets[name] = item[()]
+
+    with h5py.File(path, "r") as weights:
+        weights.visititems(collect)
+    return datasets
+
+
+def _assert_same_datasets(first, second):
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        np.testing.assert_array_equal(value, second[name], err_msg=name)
 
 
 def test_keras_file_save_load_twice_is_stable(tmp_path):
-    model = _model()
+    model = _model(SKIP_POLICY)
     _fit(model, 1)
     first = str(tmp_path / "first.keras")
     second = str(tmp_path / "second.keras")
@@ -212,30 +285,51 @@ def test_keras_file_save_load_twice_is_stable(tmp_path):
 
     assert loaded_twice.get_config() == loaded_once.get_config()
     _assert_same_state(model, loaded_twice)
+    datasets = _h5_datasets(first)
+    assert "layers/conv2d/_keras_dfp_state/vars/seed_generator_state" in datasets
+    assert "optimizer/_keras_dfp_state/vars/skipped_steps" in datasets
+    _assert_same_datasets(datasets, _h5_datasets(second))
+
+
+def test_weights_file_save_load_twice_is_stable(tmp_path):
+    model = _model(SKIP_POLICY)
+    _fit(model, 1)
+    first = str(tmp_path / "first.weights.h5")
+    second = str(tmp_path / "second.weights.h5")
+    model.save_weights(first)
+    restored = _model(SKIP_POLICY, init_seed=SEED + 1)
+    restored.optimizer.build(restored.trainable_variables)
+    restored.load_weights(first)
+    restored.save_weights(second)
+
+    _assert_same_state(model, restored)
+    _assert_same_datasets(_h5_datasets(first), _h5_datasets(second))
 
 
 def test_tf_checkpoint_save_restore_twice_is_stable(tmp_path):
-    model = _model("dfp16_stochastic_seed3")
+    model = _model(SKIP_POLICY)
     _fit(model, 1)
-    path = tf.train.Checkpoint(
-        model=model, optimizer=model.optimizer, rounding=_rounding_states(model)
-    ).save(str(tmp_path / "first"))
-    restored = _model("dfp16_stochastic_seed3", init_seed=SEED + 1)
-    restored.optimizer.build(restored.trainable_variables)
-    checkpoint = tf.train.Checkpoint(
-        model=restored, optimizer=restored.optimizer, rounding=_rounding_states(restored)
+    path = tf.train.Checkpoint(model=model, optimizer=model.optimizer).save(
+        str(tmp_path / "first")
     )
+    restored = _model(SKIP_POLICY, init_seed=SEED + 1)
+    restored.optimizer.build(restored.trainable_variables)
+    checkpoint = tf.train.Checkpoint(model=restored, optimizer=restored.optimizer)
     checkpoint.restore(path).assert_existing_objects_matched()
     second = checkpoint.save(str(tmp_path / "second"))
 
     first_values = dict(tf.train.list_variables(path))
     assert first_values.keys() == dict(tf.train.list_variables(second)).keys()
+    dfp_names = [name for name in first_values if "_keras_dfp_state" in name]
+    # Two rounding generator states and the skipped-step count.
+    assert len(dfp_names) == 3, dfp_names
     for name in first_values:
         if name.startswith("save_counter") or name == "_CHECKPOINTABLE_OBJECT_GRAPH":
             continue
         np.testing.assert_array_equal(
             tf.train.load_variable(path, name), tf.train.load_variable(second, name)
         )
+    assert keras_dfp.skipped_steps(restored) == 1
 
 
 def _run_python(script, cwd):
@@ -254,8 +348,12 @@ def _run_python(script, cwd):
 
 @pytest.fixture
 def saved_formats(tmp_path):
-    """Save one trained model in every format and return the paths and predictions."""
-    model = _model()
+    """Save one trained model in every format and return the paths and predictions.
+
+    The model rounds stochastically and skipped one step, so the predictions
+    match only if a format restores the rounding generator states.
+    """
+    model = _model(SKIP_POLICY)
     _fit(
         model,
         1,
@@ -289,6 +387,7 @@ def test_formats_load_before_any_layer_is_built(saved_formats):
         for name in ("model.keras", "callback.keras"):
             model = keras.models.load_model(directory + "/" + name)
             np.testing.assert_array_equal(model.predict(images, verbose=0), expected)
+            assert keras_dfp.skipped_steps(model) == 1, name
             print("loaded", name)
 
         # Weights-only formats need the architecture: rebuild it from the config.
@@ -339,10 +438,13 @@ def test_keras_file_without_keras_dfp_names_package(saved_formats):
     # Two lines, one per .keras file: the weights-only load printed nothing.
     assert len(lines) == 2, result.stdout
     for line in lines:
-        # Keras' own message: "Cannot convert 'keras_dfp>dfp16' to a mixed
-        # precision DTypePolicy", which names the package in the policy name.
+        # Keras' own message quotes the stored policy name, which carries the
+        # install hint: "Cannot convert 'keras_dfp>dfp16_stochastic_seed11_skip
+        # (pip install keras-dfp, then import keras_dfp before loading)' to a
+        # mixed precision DTypePolicy".
         assert "ValueError" in line, line
-        assert "keras_dfp>dfp16" in line, line
+        assert f"Cannot convert 'keras_dfp>{SKIP_POLICY} (" in line, line
+        assert "pip install keras-dfp, then import keras_dfp" in line, line
 
 
 def _read_until(process, marker, deadline):
