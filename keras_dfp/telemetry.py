@@ -35,6 +35,8 @@ import keras
 import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
+from keras_dfp import _state
+
 _logger = logging.getLogger(__name__)
 
 KINDS = ("activation", "weight", "gradient")
@@ -254,14 +256,30 @@ def scalar_tag(op_name, kind, statistic):
     return f"dfp16/{op_name}/{kind}/{statistic}"
 
 
+def _trained_steps(model):
+    """Return the train batches `model`'s optimizer has seen: applied plus skipped steps."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return 0
+    return int(optimizer.iterations.numpy()) + _state.skipped_steps_count(optimizer)
+
+
 class TensorBoardCallback(keras.callbacks.Callback):
     """Write the DFP16 statistics of the model as TensorBoard scalars.
 
-    Every `every_n_steps` train batches (counted over all epochs) the
-    callback reads `collect(self.model)` and writes one scalar per op, tensor
-    kind and statistic, tagged as in `scalar_tag`, at the global step. The
-    DFP16 ops compute the statistics only in those steps, so a larger
-    `every_n_steps` costs less; the other steps only read a flag.
+    Every `every_n_steps` train batches the callback reads
+    `collect(self.model)` and writes one scalar per op, tensor kind and
+    statistic, tagged as in `scalar_tag`, at the global step. The DFP16 ops
+    compute the statistics only in those steps, so a larger `every_n_steps`
+    costs less; the other steps only read a flag.
+
+    The global step counts train batches over all epochs and `fit` calls. At
+    the first batch of each `fit` it is set to the optimizer's iteration count
+    plus its skipped steps (`keras_dfp.skipped_steps`), which checkpoints store, so
+    a run resumed from a `.keras` file, `BackupAndRestore` or
+    `tf.train.Checkpoint` continues its TensorBoard curves at the step where
+    the saved run stopped. The statistics themselves are not saved: the first
+    written step after a resume computes them again.
 
     Args:
       log_dir: directory of the event files; created if missing.
@@ -295,8 +313,13 @@ class TensorBoardCallback(keras.callbacks.Callback):
             )
         if self._writer is None:
             self._writer = tf.summary.create_file_writer(self.log_dir)
+        # Read at the first batch, after BackupAndRestore (which may come later
+        # in the callback list) has restored the optimizer.
+        self._step = None
 
     def on_train_batch_begin(self, batch, logs=None):
+        if self._step is None:
+            self._step = _trained_steps(self.model)
         # Statistics are computed only in the steps that are written.
         _recording_flag().assign((self._step + 1) % self.every_n_steps == 0)
 

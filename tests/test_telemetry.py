@@ -167,6 +167,26 @@ def test_callback_computes_only_written_steps(tmp_path):
             assert int(ops.variables[kind]["updates"].numpy()) == 2, (op_name, kind)
 
 
+def test_callback_continues_step_after_load(tmp_path):
+    telemetry.enable()
+    log_dir = str(tmp_path / "logs")
+    model = _fit_with_callback(log_dir, every_n_steps=3)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+
+    restored = keras.models.load_model(path)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(16, 6, 6, 2)).astype(np.float32)
+    y = rng.normal(size=(16, 2)).astype(np.float32)
+    callback = telemetry.TensorBoardCallback(log_dir, every_n_steps=3)
+    restored.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[callback])
+
+    series = _load_plot_tool().read_scalars(log_dir)
+    steps = [step for step, _ in series["exponent"]["activation"]["conv"]]
+    # Batches 1-8 before the save and 9-16 after it, written every 3rd.
+    assert sorted(steps) == [3, 6, 9, 12, 15]
+
+
 def _op_telemetry(model):
     found = {}
     for layer in model._flatten_layers():
