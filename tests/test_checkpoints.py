@@ -37,7 +37,7 @@ from keras_dfp import DFPPolicy
 SEED = 2468
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = os.path.join(REPO_ROOT, "tests", "training_job.py")
-SUBPROCESS_TIMEOUT_SECONDS = 120
+SUBPROCESS_TIMEOUT_SECONDS = 300
 EPOCHS = 4
 RESUME_EPOCH = 2
 # Nearest-even rounding, stochastic rounding, and stochastic rounding that

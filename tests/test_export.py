@@ -120,7 +120,7 @@ def exported(tmp_path_factory):
         [sys.executable, "-c", _FRESH_PROCESS_SCRIPT, json.dumps(config)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -203,7 +203,7 @@ def test_saved_model_cli_runs_exact_export(exported, tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

@@ -237,7 +237,7 @@ def test_import_with_jax_backend_fails_clearly():
         text=True,
         cwd=REPO_ROOT,
         env=env,
-        timeout=120,
+        timeout=300,
         check=False,
     )
     assert result.returncode != 0
