@@ -13,9 +13,9 @@ only has to memorize a few images and the loss should fall within a few steps.
 
 The script prints one table row per network and exits with status 1 when a loss is not
 finite or the mean loss of the last 3 steps is not below that of the first 3.
-Seconds per step is the median over the steps after the first, which also traces and
-compiles the training function, in wall-clock time and in CPU time of the whole process
-(which, unlike wall-clock time, does not grow when other jobs share the cores).
+Seconds per step is the median over the steps after the first step, which also traces
+and compiles the training function. It is given in wall-clock time and in CPU time of
+the whole process, which does not grow when other jobs share the cores.
 No test asserts on these times.
 """
 
