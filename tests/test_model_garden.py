@@ -188,7 +188,7 @@ def test_make_dataset_rejects_files_without_records(tmp_path, content):
                     "corrupted record at 0"),
         message,
     ), message
-    assert re.search(r"image/encoded \(JPEG bytes\) and image/class/label", message)
+    assert re.search(r"image/encoded \(JPEG or PNG bytes\) and image/class/label", message)
 
 
 def _write_examples(path, encoded, num_records):

@@ -1,21 +1,30 @@
-"""tf.data input pipeline for CIFAR-10 TFRecord shards.
+"""tf.data input pipeline for TFRecord shards and class-folder image data sets.
 
-Each record is a tf.train.Example. The pipeline reads the keys image/encoded (JPEG bytes)
-and image/class/label (int64 in [0, 9]) and ignores image/format, image/height,
-image/width and image/class/text. Shards are named `train-*` and `test-*`.
+`read_split` finds and checks the records of one split: TFRecord shards (see
+tfrecords.py) or one folder of JPEG and PNG files per class (see folders.py).
+`dataset_from_split` decodes the images in parallel, preprocesses them with the cifar or
+imagenet recipe (see preprocessing.py), batches and prefetches.
 
-Decoded uint8 images are cached in memory (about 3 KB per image, so 150 MB for the full
-training set), and augmentation runs after the cache, so every epoch gets new crops and
-flips. Augmentation uses stateless random ops whose seeds come from a seeded
+With cache="decoded", the decoded uint8 images are cached in memory and augmentation
+runs after the cache, so every epoch gets new crops and flips. cache="auto" does so for
+cifar preprocessing when the cached images take at most AUTO_CACHE_BYTES (150 MB for the
+50,000 CIFAR-10 training images at 32x32). It caches nothing for imagenet preprocessing,
+which keeps images at full size until the crop, so it decodes them again every epoch.
+Augmentation uses stateless random ops whose seeds come from a seeded
 `tf.data.Dataset.random` stream, so a given seed gives the same batches in every run.
 """
 
-import contextlib
-import glob
+import dataclasses
 import os
-import re
 
 import tensorflow as tf
+
+from model_garden.data import folders
+from model_garden.data import preprocessing as preprocessing_lib
+from model_garden.data import tfrecords
+from model_garden.data.errors import DataError
+from model_garden.data.preprocessing import augment  # pylint: disable=unused-import
+from model_garden.data.preprocessing import normalize  # pylint: disable=unused-import
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -23,175 +32,261 @@ CLASS_NAMES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )
-SPLITS = ("train", "test")
-SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cifar10_sample")
+DATA_FORMATS = ("tfrecord", "class_folders")
+CACHE_MODES = ("auto", "decoded", "none")
+# Largest size of the decoded images that cache="auto" keeps in memory.
+AUTO_CACHE_BYTES = 1 << 30
 
-# Per-channel mean and standard deviation of pixel values in [0, 1], measured over the
-# 50,000 training images of the JPEG form of CIFAR-10 that the shards contain.
-CHANNEL_MEAN = (0.4868, 0.4822, 0.4414)
-CHANNEL_STD = (0.2451, 0.2425, 0.2605)
-
-# Zero padding on each side before the random 32x32 crop.
-CROP_PADDING = 4
-
-_FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
-}
-
-# The fix that every message about unreadable records ends with.
-_RECORD_FIX = (
-    "Each record must be a tf.train.Example with image/encoded (JPEG bytes) and "
-    "image/class/label (int64 in [0, 9]). Regenerate the shards, or copy them again if "
-    "the copy was cut short."
-)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class DataError(ValueError):
-    """Training or test data that cannot be used: no matching file, or unreadable records."""
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    """The records of one split, as `read_split` found and checked them.
+
+    Attributes:
+      data_format: "tfrecord" or "class_folders".
+      split: "train" or "test".
+      pattern: glob of the split's files, for messages.
+      files: TFRecord files, or one image file per record for class folders.
+      labels: the label of every image file for class folders; None for TFRecords.
+      num_records: number of records that the dataset reads.
+      num_classes: number of classes; every label is below it.
+      class_names: class folder names in label order; None for TFRecords.
+    """
+
+    data_format: str
+    split: str
+    pattern: str
+    files: tuple
+    labels: tuple
+    num_records: int
+    num_classes: int
+    class_names: tuple
 
 
-def split_pattern(data, split):
-    """Return the glob pattern that `list_files` matches for `split`, for use in messages."""
-    if data is None or data == "":
-        data = SAMPLE_DIR
-    if os.path.isdir(data):
-        return os.path.join(data, f"{split}-*")
-    if "{split}" in data:
-        return data.replace("{split}", split)
-    return data
+def _check_num_classes(num_classes):
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(
+            f"Expected num_classes >= 1 or None. Received: num_classes={num_classes!r}"
+        )
 
 
-def list_files(data, split):
-    """Return the sorted TFRecord files of one split.
+def read_split(data, split, max_records=None, num_classes=None):
+    """Find and check the records of one split.
 
     Args:
-      data: None for the embedded sample, a directory that contains `train-*` and
-        `test-*` shards, or a glob pattern. A `{split}` in the pattern is replaced by
-        the split name. A pattern without it keeps only the matches whose file name
-        starts with `<split>-`.
+      data: None or "" for the embedded sample, a directory of `train-*` and `test-*`
+        TFRecord shards, a glob (see `tfrecords.list_files`), or a directory with a
+        `train` folder of class folders (see folders.py).
       split: "train" or "test".
+      max_records: if set, use only the first `max_records` records of the split.
+      num_classes: number of classes. Defaults to the number of class folders, or to
+        10 (CIFAR-10) for TFRecords. Every label must be below it.
 
     Raises:
-      ValueError: if `split` is unknown.
-      DataError: if no file matches.
+      ValueError: if an argument is out of range.
+      DataError: if no file matches, a file is truncated or corrupt, the files contain
+        no record, a label is out of range, or the class folders are unusable.
     """
-    if split not in SPLITS:
-        raise ValueError(f"Expected split in {SPLITS}. Received: split={split!r}")
-    if data is None or data == "":
-        data = SAMPLE_DIR
-    pattern = split_pattern(data, split)
-    files = glob.glob(pattern)
-    if not os.path.isdir(data) and "{split}" not in data:
-        files = [path for path in files if os.path.basename(path).startswith(f"{split}-")]
-    files = sorted(path for path in files if os.path.isfile(path))
-    if not files:
-        raise DataError(
-            f"Expected at least one {split} TFRecord file. Received: data={data!r}, which "
-            f"matches no file named {split}-* (pattern {pattern!r}). Pass a directory that "
-            "contains train-*.tfrecord and test-*.tfrecord shards, a glob such as "
-            "'DIR/{split}-*.tfrecord', or leave it empty to use the embedded sample."
+    if split not in tfrecords.SPLITS:
+        raise ValueError(f"Expected split in {tfrecords.SPLITS}. Received: split={split!r}")
+    if max_records is not None and max_records < 1:
+        raise ValueError(
+            f"Expected max_records >= 1 or None. Received: max_records={max_records!r}"
         )
-    return files
+    _check_num_classes(num_classes)
+    if folders.is_class_folder_data(data):
+        return _read_class_folders(data, split, max_records, num_classes)
+
+    files = tfrecords.list_files(data, split)
+    pattern = tfrecords.split_pattern(data, split)
+    num_records, min_label, max_label = tfrecords.scan_labels(files, max_records, pattern)
+    if num_records == 0:
+        raise DataError(
+            f"Expected TFRecord files that contain tf.train.Example records. Received: "
+            f"pattern={pattern!r}, which matches {len(files)} file(s) that contain no "
+            f"readable TFRecord records. {tfrecords.RECORD_FIX}"
+        )
+    if num_classes is None:
+        num_classes = NUM_CLASSES
+    if min_label < 0 or max_label >= num_classes:
+        fix = "Fix the labels."
+        if min_label >= 0:
+            fix = (
+                f"Pass num_classes={max_label + 1} (--num_classes={max_label + 1} in "
+                "model_garden.train) if the data has that many classes, or fix the labels."
+            )
+        raise DataError(
+            f"Expected image/class/label in [0, {num_classes - 1}] for "
+            f"num_classes={num_classes}. Received: pattern={pattern!r}, whose labels range "
+            f"from {min_label} to {max_label}. {fix}"
+        )
+    return SplitInfo(
+        data_format="tfrecord", split=split, pattern=pattern, files=tuple(files),
+        labels=None, num_records=num_records, num_classes=num_classes, class_names=None,
+    )
 
 
-def count_records(files, max_records=None, pattern=None):
-    """Return the number of records in `files`, capped at `max_records` when it is set.
+def _read_class_folders(data, split, max_records, num_classes):
+    folder, class_names, paths, labels = folders.list_images(data, split)
+    if num_classes is None:
+        num_classes = len(class_names)
+    elif num_classes < len(class_names):
+        raise DataError(
+            f"Expected num_classes >= the number of class folders. Received: "
+            f"num_classes={num_classes} for data={data!r}, which has {len(class_names)} "
+            f"class folders. Pass num_classes={len(class_names)} (--num_classes in "
+            "model_garden.train) or leave it unset."
+        )
+    if max_records is not None:
+        paths = paths[:max_records]
+        labels = labels[:max_records]
+    return SplitInfo(
+        data_format="class_folders", split=split,
+        pattern=os.path.join(data, folder, "*", "*"), files=tuple(paths),
+        labels=tuple(labels), num_records=len(paths), num_classes=num_classes,
+        class_names=class_names,
+    )
 
-    Reading every record also finds truncated and corrupt files before training starts.
-    `pattern`, when given, is the glob that matched `files` and is named in errors.
+
+def _read_image_file(path):
+    """Read and decode one image file, failing with a message that names the file."""
+    contents = tf.io.read_file(path)
+    is_png = tf.equal(tf.strings.substr(contents, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+    is_known = tf.logical_or(tf.io.is_jpeg(contents), is_png)
+    message = tf.strings.join(
+        ["Expected a JPEG or PNG file. Received: file=", path,
+         ", which starts with neither signature"]
+    )
+    check = tf.debugging.Assert(is_known, [message])
+    with tf.control_dependencies([check]):
+        return preprocessing_lib.decode(contents)
+
+
+def _records(info):
+    """Return the dataset of raw records of `info` and a function that decodes one.
+
+    The decode function maps a record to (uint8 image [height, width, 3], int32 label).
+    """
+    if info.data_format == "class_folders":
+        dataset = tf.data.Dataset.from_tensor_slices(
+            (list(info.files), tf.constant(info.labels, tf.int32))
+        )
+        return dataset, lambda path, label: (_read_image_file(path), label)
+
+    dataset = tf.data.TFRecordDataset(list(info.files), num_parallel_reads=tf.data.AUTOTUNE)
+    dataset = dataset.take(info.num_records)
+
+    def decode_record(serialized):
+        encoded, label = tfrecords.parse_example(serialized)
+        return preprocessing_lib.decode(encoded), label
+
+    return dataset, decode_record
+
+
+def _use_cache(cache, preprocessing, image_size, num_records):
+    if cache not in CACHE_MODES:
+        raise ValueError(f"Expected cache in {CACHE_MODES}. Received: cache={cache!r}")
+    if cache == "auto":
+        decoded_bytes = num_records * image_size * image_size * 3
+        return preprocessing == "cifar" and decoded_bytes <= AUTO_CACHE_BYTES
+    return cache == "decoded"
+
+
+def dataset_from_split(
+    info,
+    batch_size=64,
+    training=None,
+    augmentation=None,
+    standardize=True,
+    seed=0,
+    shuffle_buffer=10_000,
+    repeat=False,
+    preprocessing="cifar",
+    image_size=32,
+    cache="auto",
+):
+    """Build a batched, prefetched dataset of (float32 images, int32 labels) from `info`.
+
+    Args:
+      info: a SplitInfo from `read_split`.
+      batch_size, training, augmentation, standardize, seed, shuffle_buffer, repeat:
+        see `make_dataset`.
+      preprocessing: "cifar" or "imagenet" (see preprocessing.py).
+      image_size: height and width of the output images.
+      cache: "decoded" caches the decoded images in memory, "none" decodes them every
+        epoch, and "auto" chooses as the module docstring describes.
 
     Raises:
-      DataError: if a file is truncated or is not a TFRecord file.
+      ValueError: if an argument is out of range.
     """
-    count = 0
-    for path in files:
-        count_in_file = 0
-        try:
-            for _ in tf.data.TFRecordDataset(path):
-                count += 1
-                count_in_file += 1
-                if max_records is not None and count >= max_records:
-                    return count
-        except tf.errors.DataLossError as error:
-            matched_by = f" (matched by {pattern!r})" if pattern else ""
-            raise DataError(
-                f"Expected complete TFRecord files. Received: file={path!r}{matched_by}, "
-                f"where reading failed after {count_in_file} records: "
-                f"{_summarize_tf_error(error)}. {_RECORD_FIX}"
-            ) from error
-    return count
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size!r}")
+    preprocessing_lib.check_preprocessing(preprocessing, image_size)
+    if training is None:
+        training = info.split == "train"
+    if augmentation is None:
+        augmentation = training
+    use_cache = _use_cache(cache, preprocessing, image_size, info.num_records)
 
+    dataset, decode_record = _records(info)
+    # A known cardinality lets Keras size its progress bar and epoch loop.
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(info.num_records))
+    if preprocessing == "cifar":
+        def decode_fn(*record):
+            image, label = decode_record(*record)
+            return preprocessing_lib.to_square(image, image_size), label
+    else:
+        decode_fn = decode_record
 
-def _summarize_tf_error(error):
-    """Return the message of a tf.errors.OpError on one line, without graph node details."""
-    message = re.sub(r"\{\{function_node [^}]*\}\}", "", error.message)
-    message = re.sub(r"\[Op:[^\]]*\].*", "", message)
-    # Errors raised inside a dataset map start with the iterator path, for example
-    # "Error in user-defined function passed to ... with iterator: Iterator::Root::...: ".
-    message = re.sub(r"Error in user-defined function .*?Iterator::\S*: ", "", message)
-    lines = [
-        line.strip() for line in message.splitlines()
-        if line.strip()
-        and not line.strip().startswith("[[")
-        and line.strip() not in ("Graph execution error:", "<stack traces unavailable>")
-        and not line.startswith("Detected at node")
-    ]
-    return " ".join(lines).rstrip(". ")
+    if use_cache:
+        dataset = dataset.map(decode_fn, num_parallel_calls=tf.data.AUTOTUNE).cache()
+        if training:
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    else:
+        # Shuffle the raw records (file names or serialized examples), so the shuffle
+        # buffer contains no decoded image. All file names of a split fit in memory.
+        if training:
+            buffer = info.num_records if info.data_format == "class_folders" else shuffle_buffer
+            dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+        dataset = dataset.map(decode_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    if repeat:
+        dataset = dataset.repeat()
 
+    if augmentation:
+        if preprocessing == "cifar":
+            def augment_fn(image, seed_pair):
+                return preprocessing_lib.augment(image, seed_pair)
+        else:
+            def augment_fn(image, seed_pair):
+                return preprocessing_lib.random_resized_crop(image, seed_pair, image_size)
+        # One int64 per record, new every epoch but fixed by `seed`.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        dataset = tf.data.Dataset.zip((dataset, seeds))
+        dataset = dataset.map(
+            lambda example, record_seed: (
+                augment_fn(example[0], tf.stack([record_seed, tf.constant(seed, tf.int64)])),
+                example[1],
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    elif preprocessing == "imagenet":
+        dataset = dataset.map(
+            lambda image, label: (preprocessing_lib.center_crop_for_eval(image, image_size), label),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
 
-@contextlib.contextmanager
-def convert_read_errors(pattern):
-    """Raise DataError, naming `pattern`, for records that fail to read or decode in the block.
-
-    Use it around `model.fit` and `model.evaluate`, where the JPEG decoding and the
-    tf.train.Example parsing of `make_dataset` run. An InvalidArgumentError counts as a
-    data error only when it was raised while fetching the next input batch
-    (IteratorGetNext), so errors of the model itself propagate unchanged.
-    """
-    try:
-        yield
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
-        if isinstance(error, tf.errors.InvalidArgumentError) and (
-            "IteratorGetNext" not in error.message
-        ):
-            raise
-        raise DataError(
-            f"Expected readable tf.train.Example records. Received: pattern={pattern!r}, "
-            f"where a record failed to read or decode: "
-            f"{_summarize_tf_error(error)}. {_RECORD_FIX}"
-        ) from error
-
-
-def decode_example(serialized):
-    """Parse one serialized tf.train.Example into (uint8 image [32, 32, 3], int32 label)."""
-    features = tf.io.parse_single_example(serialized, _FEATURES)
-    image = tf.io.decode_jpeg(features["image/encoded"], channels=3)
-    image = tf.ensure_shape(image, IMAGE_SHAPE)
-    label = tf.cast(features["image/class/label"], tf.int32)
-    return image, label
-
-
-def augment(image, seed):
-    """Randomly flip left-right, then zero-pad by CROP_PADDING and crop back to 32x32.
-
-    `seed` is an int64 tensor of shape [2], as stateless random ops expect.
-    """
-    flip_seed = seed
-    crop_seed = tf.stack([seed[0], seed[1] + 1])
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    padded = tf.pad(
-        image, [[CROP_PADDING, CROP_PADDING], [CROP_PADDING, CROP_PADDING], [0, 0]]
+    if preprocessing == "cifar":
+        mean, std = preprocessing_lib.CHANNEL_MEAN, preprocessing_lib.CHANNEL_STD
+    else:
+        mean, std = preprocessing_lib.IMAGENET_MEAN, preprocessing_lib.IMAGENET_STD
+    dataset = dataset.map(
+        lambda image, label: (preprocessing_lib.normalize(image, standardize, mean, std), label),
+        num_parallel_calls=tf.data.AUTOTUNE,
     )
-    return tf.image.stateless_random_crop(padded, size=IMAGE_SHAPE, seed=crop_seed)
-
-
-def normalize(image, standardize=True):
-    """Convert uint8 pixels to float32 in [0, 1], then optionally standardize per channel."""
-    image = tf.cast(image, tf.float32) / 255.0
-    if standardize:
-        image = (image - tf.constant(CHANNEL_MEAN)) / tf.constant(CHANNEL_STD)
-    return image
+    dataset = dataset.batch(batch_size, drop_remainder=training)
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def make_dataset(
@@ -205,75 +300,45 @@ def make_dataset(
     shuffle_buffer=10_000,
     max_records=None,
     repeat=False,
+    preprocessing="cifar",
+    image_size=32,
+    num_classes=None,
+    cache="auto",
 ):
     """Build a batched, prefetched dataset of (float32 images, int32 labels).
 
     Args:
-      data: None (embedded sample), a directory of shards or a glob; see `list_files`.
+      data: None (embedded sample), a directory of shards, a glob, or a directory of
+        class folders; see `read_split`.
       split: "train" or "test".
       batch_size: images per batch.
       training: shuffle every epoch and drop the last, smaller batch when True, so
         every training step has the same shape and Keras traces the training function
         once. Defaults to `split == "train"`.
-      augmentation: random flip and pad-and-crop when True. Defaults to `training`.
-      standardize: subtract CHANNEL_MEAN and divide by CHANNEL_STD when True; otherwise
-        pixels stay in [0, 1].
+      augmentation: random crop and flip of the preprocessing recipe when True.
+        Defaults to `training`.
+      standardize: subtract the recipe's channel mean and divide by its standard
+        deviation when True; otherwise pixels stay in [0, 1].
       seed: seed of the shuffle order and of the augmentation.
       shuffle_buffer: shuffle buffer size in records.
       max_records: if set, use only the first `max_records` records of the split.
       repeat: repeat the data without end (after shuffling, so every pass gets a new
         order), for training with a fixed number of steps per epoch.
+      preprocessing: "cifar" or "imagenet" (see preprocessing.py).
+      image_size: height and width of the output images.
+      num_classes: see `read_split`.
+      cache: "auto", "decoded" or "none"; see `dataset_from_split`.
 
     Raises:
       ValueError: if an argument is out of range.
-      DataError: if no file matches, a file is truncated or corrupt, or the files
-        contain no record.
+      DataError: if no file matches, a file is truncated or corrupt, the files contain
+        no record, a label is out of range, or the class folders are unusable.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size!r}")
-    if max_records is not None and max_records < 1:
-        raise ValueError(
-            f"Expected max_records >= 1 or None. Received: max_records={max_records!r}"
-        )
-    if training is None:
-        training = split == "train"
-    if augmentation is None:
-        augmentation = training
-
-    files = list_files(data, split)
-    dataset = tf.data.TFRecordDataset(files, num_parallel_reads=tf.data.AUTOTUNE)
-    if max_records is not None:
-        dataset = dataset.take(max_records)
-    # A known cardinality lets Keras size its progress bar and epoch loop.
-    pattern = split_pattern(data, split)
-    num_records = count_records(files, max_records, pattern=pattern)
-    if num_records == 0:
-        raise DataError(
-            f"Expected TFRecord files that contain tf.train.Example records. Received: "
-            f"pattern={pattern!r}, which matches {len(files)} file(s) that contain no "
-            f"readable TFRecord records. {_RECORD_FIX}"
-        )
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_records))
-    dataset = dataset.map(decode_example, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.cache()
-    if training:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        dataset = dataset.repeat()
-    if augmentation:
-        # One int64 per record, new every epoch but fixed by `seed`.
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
-        dataset = tf.data.Dataset.zip((dataset, seeds))
-        dataset = dataset.map(
-            lambda example, record_seed: (
-                augment(example[0], tf.stack([record_seed, tf.constant(seed, tf.int64)])),
-                example[1],
-            ),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
-    dataset = dataset.map(
-        lambda image, label: (normalize(image, standardize), label),
-        num_parallel_calls=tf.data.AUTOTUNE,
+    info = read_split(data, split, max_records=max_records, num_classes=num_classes)
+    return dataset_from_split(
+        info, batch_size=batch_size, training=training, augmentation=augmentation,
+        standardize=standardize, seed=seed, shuffle_buffer=shuffle_buffer, repeat=repeat,
+        preprocessing=preprocessing, image_size=image_size, cache=cache,
     )
-    dataset = dataset.batch(batch_size, drop_remainder=training)
-    return dataset.prefetch(tf.data.AUTOTUNE)
