@@ -1,10 +1,11 @@
-"""Train a model-garden network on CIFAR-10 TFRecords and report test accuracy.
+"""Train a model-garden network on TFRecords or class folders and report test accuracy.
 
 Usage (from the repository root):
 
     python -m model_garden.train                      # cifar_cnn, dfp16, embedded sample
     python -m model_garden.train --policy=float32     # same run in float32, for comparison
     python -m model_garden.train --data=/data/cifar10 --epochs=30
+    python -m model_garden.train --model=resnet50 --image_size=224 --data=/data/images
 
 The run writes `<model_dir>/<model>.keras` (the trained model) and
 `<model_dir>/summary.json` (settings, seconds per epoch, test accuracy and loss, versions),
@@ -41,9 +42,36 @@ _DATA = flags.DEFINE_string(
     "data",
     "",
     "Training and test data: a directory with train-*.tfrecord and test-*.tfrecord shards "
-    "(for example /data/cifar10), a glob that may contain {split}, or empty "
-    "for the embedded 5,000/1,000-record sample. Each record is a tf.train.Example with "
-    "image/encoded (JPEG bytes) and image/class/label (int64 in [0, 9]).",
+    "(for example /data/cifar10), a glob that may contain {split}, a directory with "
+    "train/<class>/ and test/<class>/ (or val/<class>/) folders of JPEG and PNG files, or "
+    "empty for the embedded 5,000/1,000-record sample. Each record is a tf.train.Example "
+    "with image/encoded (JPEG or PNG bytes) and image/class/label (int64 in "
+    "[0, --num_classes - 1]).",
+)
+_NUM_CLASSES = flags.DEFINE_integer(
+    "num_classes", None,
+    "Number of classes of the model. Defaults to the number of class folders, or to 10 "
+    "for TFRecords. Every label of --data must be below it.",
+    lower_bound=1,
+)
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", None,
+    "Height and width in pixels of the model input. Defaults to 32 for "
+    "--preprocessing=cifar and to 224 for --preprocessing=imagenet.",
+    lower_bound=1,
+)
+_PREPROCESSING = flags.DEFINE_enum(
+    "preprocessing", None, data_lib.PREPROCESSINGS,
+    "cifar: pad-and-crop and flip, CIFAR-10 channel statistics. imagenet: random resized "
+    "crop (8%-100% of the area, aspect ratio 3/4 to 4/3) and flip for training, "
+    "resize and central crop for evaluation, ImageNet channel statistics. Defaults to "
+    "cifar when --image_size is below 64 (or unset), otherwise imagenet.",
+)
+_CACHE = flags.DEFINE_enum(
+    "cache", "auto", data_lib.CACHE_MODES,
+    "decoded: keep the decoded images in memory across epochs. none: decode every "
+    "epoch. auto: decoded for --preprocessing=cifar when the images take at most 1 GiB, "
+    "otherwise none.",
 )
 _POLICY = flags.DEFINE_enum(
     "policy", "dfp16", POLICIES,
@@ -337,6 +365,33 @@ def _backup_callback(model_dir):
     return keras.callbacks.BackupAndRestore(backup_dir)
 
 
+def _resolve_preprocessing(preprocessing, image_size):
+    """Return (preprocessing, image_size), filling in the defaults of the unset flags."""
+    if preprocessing is None:
+        preprocessing = "cifar" if image_size is None or image_size < 64 else "imagenet"
+    if image_size is None:
+        image_size = 32 if preprocessing == "cifar" else 224
+    return preprocessing, image_size
+
+
+def _build_model(image_size, num_classes):
+    """Build the --model network for square RGB images of `image_size` pixels.
+
+    Raises:
+      RunError: if the builder rejects the input size or the class count.
+    """
+    try:
+        return models.build_model(
+            _MODEL.value, input_shape=(image_size, image_size, 3), num_classes=num_classes
+        )
+    except ValueError as error:
+        raise RunError(
+            f"Expected an input size and class count that --model={_MODEL.value} accepts. "
+            f"Received: --image_size={image_size}, num_classes={num_classes}, which failed "
+            f"with: {error} Pass another --image_size or --model."
+        ) from error
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}. Pass options as --flag=value.")
@@ -373,8 +428,7 @@ def _train():
     )
     batch_size = preset.batch_size
     epochs = preset.epochs
-    train_files = data_lib.list_files(_DATA.value, "train")
-    test_files = data_lib.list_files(_DATA.value, "test")
+    preprocessing, image_size = _resolve_preprocessing(_PREPROCESSING.value, _IMAGE_SIZE.value)
 
     telemetry_every_n_steps = _TELEMETRY_EVERY_N_STEPS.value
     if telemetry_every_n_steps and _POLICY.value != "dfp16":
@@ -386,18 +440,25 @@ def _train():
     if telemetry_every_n_steps:
         keras_dfp.telemetry.enable()
 
-    # make_dataset counts the records that the run uses, so truncated or empty files stop
-    # the run here, before the output directory is created.
-    train_data = data_lib.make_dataset(
-        _DATA.value, "train", batch_size=batch_size, seed=_SEED.value,
-        max_records=_MAX_TRAIN_RECORDS.value, repeat=_STEPS_PER_EPOCH.value is not None,
+    # read_split reads the labels of every record that the run uses, so truncated or empty
+    # files and out-of-range labels stop the run here, before the output directory exists.
+    train_split = data_lib.read_split(
+        _DATA.value, "train", _MAX_TRAIN_RECORDS.value, num_classes=_NUM_CLASSES.value
     )
-    test_data = data_lib.make_dataset(
-        _DATA.value, "test", batch_size=256, seed=_SEED.value,
-        max_records=_MAX_TEST_RECORDS.value,
+    test_split = data_lib.read_split(
+        _DATA.value, "test", _MAX_TEST_RECORDS.value, num_classes=train_split.num_classes
     )
-    train_samples = data_lib.count_records(train_files, _MAX_TRAIN_RECORDS.value)
-    test_samples = data_lib.count_records(test_files, _MAX_TEST_RECORDS.value)
+    data_options = dict(
+        seed=_SEED.value, preprocessing=preprocessing, image_size=image_size,
+        cache=_CACHE.value,
+    )
+    train_data = data_lib.dataset_from_split(
+        train_split, batch_size=batch_size, repeat=_STEPS_PER_EPOCH.value is not None,
+        **data_options,
+    )
+    test_data = data_lib.dataset_from_split(test_split, batch_size=256, **data_options)
+    train_samples = train_split.num_records
+    test_samples = test_split.num_records
     # Training drops the last partial batch (see make_dataset), so steps round down.
     steps_per_epoch = train_samples // batch_size
     if steps_per_epoch == 0:
@@ -421,13 +482,14 @@ def _train():
     keras.utils.set_random_seed(_SEED.value)
     tf.config.experimental.enable_op_determinism()
     logging.info(
-        "Training %s under policy %s on %d train shard(s) and %d test shard(s); output in %s.",
-        _MODEL.value, _POLICY.value, len(train_files), len(test_files), model_dir,
+        "Training %s under policy %s on %d train and %d test records of %s (%s, %d "
+        "classes), %s preprocessing at %dx%d; output in %s.",
+        _MODEL.value, _POLICY.value, train_samples, test_samples, train_split.pattern,
+        train_split.data_format, train_split.num_classes, preprocessing, image_size,
+        image_size, model_dir,
     )
 
-    model = models.build_model(
-        _MODEL.value, input_shape=data_lib.IMAGE_SHAPE, num_classes=data_lib.NUM_CLASSES
-    )
+    model = _build_model(image_size, train_split.num_classes)
     logging.info("Hyper-parameters: %s.", presets.describe(preset))
     model.compile(
         optimizer=presets.make_optimizer(preset, steps_per_epoch),
@@ -454,7 +516,7 @@ def _train():
                 os.path.join(model_dir, "telemetry"), every_n_steps=telemetry_every_n_steps
             )
         )
-    with data_lib.convert_read_errors(data_lib.split_pattern(_DATA.value, "train")):
+    with data_lib.convert_read_errors(train_split.pattern, train_split.data_format):
         history = model.fit(
             train_data,
             epochs=epochs,
@@ -463,7 +525,7 @@ def _train():
             shuffle=False,  # make_dataset already shuffles, with the seed.
             verbose=int(_VERBOSE.value),
         )
-    with data_lib.convert_read_errors(data_lib.split_pattern(_DATA.value, "test")):
+    with data_lib.convert_read_errors(test_split.pattern, test_split.data_format):
         test_loss, test_accuracy = model.evaluate(test_data, verbose=int(_VERBOSE.value))
 
     model.save(model_path)
@@ -471,6 +533,12 @@ def _train():
         "model": _MODEL.value,
         "policy": _POLICY.value,
         "data": _DATA.value or data_lib.SAMPLE_DIR,
+        "data_format": train_split.data_format,
+        "num_classes": train_split.num_classes,
+        "class_names": train_split.class_names,
+        "preprocessing": preprocessing,
+        "image_size": image_size,
+        "cache": _CACHE.value,
         "epochs": epochs,
         "batch_size": batch_size,
         "steps_per_epoch": steps_per_epoch,
