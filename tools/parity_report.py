@@ -141,7 +141,12 @@ def plot(runs, policies, path):
             continue
         steps, losses, accuracies = zip(*run["train_curve"])
         label = f"{run['policy']} seed {run['seed']}"
-        style = {"color": colors[run["policy"]], "alpha": 0.8, "linewidth": 1.2}
+        style = {
+            "color": colors[run["policy"]],
+            "linestyle": ("-", "--", ":", "-.")[run["seed"] % 4],
+            "alpha": 0.8,
+            "linewidth": 1.2,
+        }
         loss_axes.plot(steps, losses, label=label, **style)
         accuracy_axes.plot(steps, [100 * value for value in accuracies], label=label, **style)
     model = runs[0]["model"]
