@@ -4,7 +4,8 @@
 #   make test     create .venv, build the DFP ops, run the Python test suite
 #
 # make train takes POLICY (dfp16 | float32 | mixed_bfloat16), DATA (a directory of
-# train-*/test-* TFRecord shards or a glob; empty for the embedded sample), EPOCHS,
+# train-*/test-* TFRecord shards, a glob, or a directory of train/ and test/ class folders;
+# empty for the embedded sample), EPOCHS,
 # MODEL and MODEL_DIR, for example: make train POLICY=float32 DATA=/data/cifar10
 
 PYTHON ?= python3.11
