@@ -39,7 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras_dfp  # noqa: E402  Registers the "dfp16" policy.
 from keras_dfp import ops  # noqa: E402
-from model_garden.data import pipeline  # noqa: E402
+from model_garden import data as data_lib  # noqa: E402
+from model_garden.data import preprocessing  # noqa: E402
+from model_garden.data import tfrecords  # noqa: E402
 from model_garden import models  # noqa: E402
 from model_garden import presets  # noqa: E402
 
@@ -131,9 +133,9 @@ def load_images(data, num_images, image_size, seed):
 
     Raises:
       ValueError: if `num_images` exceeds CANDIDATE_RECORDS or the records found.
-      pipeline.DataError: if no train shard matches `data`.
+      data_lib.DataError: if no train shard matches `data`.
     """
-    files = pipeline.list_files(data, "train")
+    files = data_lib.list_files(data, "train")
     records = [
         record.numpy()
         for record in tf.data.TFRecordDataset(files).take(CANDIDATE_RECORDS)
@@ -146,8 +148,8 @@ def load_images(data, num_images, image_size, seed):
     indices = np.random.default_rng(seed).choice(len(records), num_images, replace=False)
     images, labels = [], []
     for index in sorted(indices):
-        image, label = pipeline.decode_example(records[index])
-        images.append(pipeline.normalize(image))
+        encoded, label = tfrecords.parse_example(records[index])
+        images.append(preprocessing.normalize(preprocessing.decode(encoded)))
         labels.append(int(label))
     resized = tf.image.resize(tf.stack(images), (image_size, image_size), method="bilinear")
     return resized.numpy(), np.asarray(labels, np.int32)
@@ -332,7 +334,7 @@ def main(argv):
     problems = [problem for result in results for problem in find_problems(result)]
     if FLAGS.out:
         report = {
-            "data": FLAGS.data or pipeline.SAMPLE_DIR,
+            "data": FLAGS.data or data_lib.SAMPLE_DIR,
             "num_images": FLAGS.num_images,
             "image_size": FLAGS.image_size,
             "policy": FLAGS.policy,

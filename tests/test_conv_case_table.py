@@ -104,26 +104,45 @@ def tf_conv2d_shape(case):
     return tuple(concrete.structured_outputs.shape)
 
 
+def _covered_positions(in_size, kernel_size, stride, dilation, out_size, padding):
+    """Return a bool vector [in_size]: True where some window of one axis reads the input."""
+    pad_before = 0
+    if padding == "SAME":
+        needed = (out_size - 1) * stride + (kernel_size - 1) * dilation + 1
+        pad_before = max(needed - in_size, 0) // 2
+    covered = np.zeros(in_size, bool)
+    for out_index in range(out_size):
+        for tap in range(kernel_size):
+            position = out_index * stride + tap * dilation - pad_before
+            if 0 <= position < in_size:
+                covered[position] = True
+    return covered
+
+
 def uncovered_input_mask(case):
     """Return a bool mask [N, H, W, C]: True where no conv window reads the input.
 
-    TensorFlow's float32 input gradient of all-ones operands counts how many
-    (output position, filter tap) pairs read each input element.
+    Coverage is computed from the window geometry directly, independent of
+    the reference and of TensorFlow, whose CPU Conv2DBackpropInput rejects
+    dilations above 1 when oneDNN is off (TensorFlow leaves it off on CPUs
+    without AVX-512). Windows cover a product of rows and columns, so the
+    mask is the outer product of the two axes.
     """
     out_shape = reference.conv2d_output_shape(
         case.input_shape, case.filter_shape, **case.attrs
     )
     strides = ops._spatial_attr(case.strides, "strides")
     dilations = ops._spatial_attr(case.dilations, "dilations")
-    counts = tf.raw_ops.Conv2DBackpropInput(
-        input_sizes=list(case.input_shape),
-        filter=np.ones(case.filter_shape, np.float32),
-        out_backprop=np.ones(out_shape, np.float32),
-        strides=strides,
-        padding=case.padding,
-        dilations=dilations,
-    ).numpy()
-    return counts == 0
+    rows = _covered_positions(
+        case.input_shape[1], case.filter_shape[0], strides[1], dilations[1],
+        out_shape[1], case.padding,
+    )
+    columns = _covered_positions(
+        case.input_shape[2], case.filter_shape[1], strides[2], dilations[2],
+        out_shape[2], case.padding,
+    )
+    covered = np.outer(rows, columns)[None, :, :, None]
+    return np.broadcast_to(~covered, case.input_shape)
 
 
 # ---------------------------------------------------------------------------
