@@ -344,13 +344,31 @@ def _shard_by_element(dataset):
     return dataset.with_options(options)
 
 
-def _backup_callback(model_dir):
+def _backup_callback(model_dir, epochs):
     """Return the BackupAndRestore callback of the run, checking --resume.
 
     Raises:
-      RunError: if a backup exists and --resume is not set.
+      RunError: if a backup exists and --resume is not set, or if the backup has
+        already finished `epochs` epochs.
     """
     backup_dir = os.path.join(model_dir, "backup")
+    metadata_path = os.path.join(backup_dir, "training_metadata.json")
+    if _RESUME.value and os.path.exists(metadata_path):
+        try:
+            with open(metadata_path, encoding="utf-8") as metadata_file:
+                finished = int(json.load(metadata_file)["epoch"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise RunError(
+                f"Expected a readable backup in --model_dir={model_dir!r}. Received: "
+                f"{metadata_path}, which failed to read ({error}). Delete {backup_dir} "
+                "to start again."
+            ) from error
+        if finished >= epochs:
+            raise RunError(
+                f"Expected --epochs above the {finished} epoch(s) that the backup in "
+                f"{backup_dir} has finished. Received: --epochs={epochs}. Pass a larger "
+                "--epochs to continue that run."
+            )
     if os.path.exists(backup_dir) and not _RESUME.value:
         raise RunError(
             f"Expected no backup in --model_dir without --resume. Received: "
@@ -428,6 +446,14 @@ def _train():
     )
     batch_size = preset.batch_size
     epochs = preset.epochs
+    default_optimizer = presets.get_preset(_MODEL.value).optimizer
+    if preset.optimizer != default_optimizer and _LEARNING_RATE.value is None:
+        raise RunError(
+            f"Expected --learning_rate with --optimizer={preset.optimizer}, because the "
+            f"preset's rate of --model={_MODEL.value} is meant for {default_optimizer}. "
+            f"Received: no --learning_rate. Pass one, for example --learning_rate=0.001 "
+            "for adam or 0.01 for sgd."
+        )
     preprocessing, image_size = _resolve_preprocessing(_PREPROCESSING.value, _IMAGE_SIZE.value)
 
     telemetry_every_n_steps = _TELEMETRY_EVERY_N_STEPS.value
@@ -470,7 +496,7 @@ def _train():
     if _STEPS_PER_EPOCH.value is not None:
         steps_per_epoch = _STEPS_PER_EPOCH.value
     _prepare_model_dir(model_dir, model_path, summary_path)
-    backup = _backup_callback(model_dir)
+    backup = _backup_callback(model_dir, epochs)
 
     keras.mixed_precision.set_global_policy(_POLICY.value)
     # Like `with strategy.scope():` for the rest of the process, so the model and
@@ -525,10 +551,13 @@ def _train():
             shuffle=False,  # make_dataset already shuffles, with the seed.
             verbose=int(_VERBOSE.value),
         )
+    # Saved before the evaluation, because fit has deleted the backup by now: a failed
+    # or killed evaluation must not lose the trained model.
+    model.save(model_path)
+    logging.info("Wrote %s; evaluating on %d test records.", model_path, test_split.num_records)
     with data_lib.convert_read_errors(test_split.pattern, test_split.data_format):
         test_loss, test_accuracy = model.evaluate(test_data, verbose=int(_VERBOSE.value))
 
-    model.save(model_path)
     summary = {
         "model": _MODEL.value,
         "policy": _POLICY.value,

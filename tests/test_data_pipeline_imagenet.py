@@ -359,3 +359,50 @@ def test_preprocessing_defaults_follow_image_size(recipe, size, expected):
     from model_garden import train  # pylint: disable=import-outside-toplevel
 
     assert train._resolve_preprocessing(recipe, size) == expected  # pylint: disable=protected-access
+
+
+def test_class_folders_skip_hidden_folders(tmp_path):
+    _make_class_folders(tmp_path)
+    hidden = tmp_path / "train" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    _write_image(hidden / "00.jpg", 20, 30, seed=99)
+    info = data_lib.read_split(str(tmp_path), "train")
+    assert info.class_names == ("ant", "moth", "zebra")
+    assert info.num_records == 12
+
+
+def test_cli_keeps_model_when_evaluation_fails(tmp_path):
+    data_dir = _make_class_folders(tmp_path / "data", train_per_class=6)
+    (data_dir / "test" / "ant" / "99.png").write_bytes(b"not an image at all")
+    model_dir = tmp_path / "run"
+    result = _run_cli(
+        "--model=cifar_cnn", "--policy=float32", f"--data={data_dir}", "--epochs=1",
+        "--batch_size=6", "--verbose=0", f"--model_dir={model_dir}",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "99.png" in result.stderr
+    assert (model_dir / "cifar_cnn.keras").is_file()
+    assert not (model_dir / "summary.json").exists()
+
+
+def test_cli_optimizer_switch_needs_learning_rate(tmp_path):
+    result = _run_cli(
+        "--model=resnet50", "--optimizer=adam", "--policy=float32", "--epochs=1",
+        f"--model_dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 2
+    assert "Expected --learning_rate with --optimizer=adam" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_resume_rejects_finished_epochs(tmp_path):
+    backup_dir = tmp_path / "run" / "backup"
+    backup_dir.mkdir(parents=True)
+    (backup_dir / "training_metadata.json").write_text('{"epoch": 3, "batch": -1}')
+    result = _run_cli(
+        "--policy=float32", "--epochs=2", "--resume", "--max_train_records=64",
+        f"--model_dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 2
+    assert "Expected --epochs above the 3 epoch(s)" in result.stderr
+    assert "Received: --epochs=2" in result.stderr

@@ -128,6 +128,7 @@ def test_cli_steps_per_epoch_writes_curve_and_logs(tmp_path):
         [sys.executable, "-m", "model_garden.train", "--policy=float32",
          "--steps_per_epoch=2", "--epochs=2", "--batch_size=8", "--max_train_records=12",
          "--max_test_records=16", "--log_every_n_steps=1", "--optimizer=sgd",
+         "--learning_rate=0.01",
          f"--model_dir={model_dir}", "--verbose=0"],
         capture_output=True, text=True, check=True, cwd=REPO_ROOT,
     )

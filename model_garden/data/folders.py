@@ -46,7 +46,11 @@ def split_folder(root, split):
 
 
 def _subfolders(folder):
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    """Return the sorted sub-folder names of `folder`, without hidden ones such as .git."""
+    return sorted(
+        entry.name for entry in os.scandir(folder)
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
 
 
 def _image_files(folder):
