@@ -600,6 +600,11 @@ def _train():
         f"test loss {test_loss:.4f} on {test_samples} images; "
         f"{summary['mean_seconds_per_epoch']:.1f} s/epoch over {epochs} epochs."
     )
+    if not math.isfinite(test_loss):
+        logging.warning(
+            "The test loss is %s, so training diverged. Lower --learning_rate (it was %g) "
+            "and run again.", test_loss, preset.learning_rate,
+        )
 
 
 if __name__ == "__main__":

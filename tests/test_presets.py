@@ -139,3 +139,20 @@ def test_cli_steps_per_epoch_writes_curve_and_logs(tmp_path):
     assert [point[0] for point in summary["train_curve"]] == [1, 2, 3, 4]
     assert all(np.isfinite(point[1]) for point in summary["train_curve"])
     assert list((model_dir / "logs" / "train").glob("events.out.tfevents.*"))
+
+
+def test_parity_report_rejects_unfinished_summary(tmp_path):
+    runs_dir = str(tmp_path / "runs")
+    _write_run(runs_dir, "float32", 0, 0.4)
+    summary_path = os.path.join(runs_dir, "simplenet-float32-seed0", "summary.json")
+    with open(summary_path, encoding="utf-8") as file:
+        summary = json.load(file)
+    del summary["test_accuracy"]
+    with open(summary_path, "w", encoding="utf-8") as file:
+        json.dump(summary, file)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", "parity_report.py"), runs_dir],
+        capture_output=True, text=True, check=False, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 2
+    assert "which has no test_accuracy" in result.stderr

@@ -26,6 +26,11 @@ from absl import logging
 _PLOT = flags.DEFINE_string(
     "plot", "", "Write the training curves to this PNG file (empty: no plot)."
 )
+REQUIRED_KEYS = (
+    "model", "policy", "seed", "batch_size", "steps_per_epoch", "seconds_per_epoch",
+    "test_accuracy", "test_loss",
+)
+
 _POLICIES = flags.DEFINE_list(
     "policies", "float32,dfp16", "Policies to compare; the first is the baseline."
 )
@@ -46,10 +51,28 @@ def load_runs(runs_dir):
         )
     runs = []
     for path in paths:
-        with open(path, encoding="utf-8") as summary_file:
-            summary = json.load(summary_file)
+        try:
+            with open(path, encoding="utf-8") as summary_file:
+                summary = json.load(summary_file)
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Expected a readable summary.json. Received: {path!r}, which failed to "
+                f"read ({error}). Delete that run directory or run it again."
+            ) from error
+        missing = [key for key in REQUIRED_KEYS if key not in summary]
+        if missing:
+            raise ValueError(
+                f"Expected a summary.json of a finished run. Received: {path!r}, which "
+                f"has no {', '.join(missing)}. Delete that run directory or run it again."
+            )
         summary["run_dir"] = os.path.dirname(path)
         runs.append(summary)
+    settings = {(run["model"], run["batch_size"], run["steps_per_epoch"]) for run in runs}
+    if len(settings) > 1:
+        logging.warning(
+            "The runs in %s differ in (model, batch_size, steps_per_epoch): %s; the "
+            "report averages them together.", runs_dir, sorted(settings),
+        )
     return sorted(runs, key=lambda run: (run["policy"], run["seed"]))
 
 
