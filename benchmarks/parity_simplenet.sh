@@ -8,7 +8,7 @@
 # trains EPOCHS epochs of STEPS_PER_EPOCH batches of 64 images (environment variables,
 # defaults 3 and 40: 7,680 images, about 15 % of an epoch of CIFAR-10), then evaluates
 # on all 10,000 test images. Runs alternate between the policies seed by seed, so an
-# interrupted job leaves complete pairs; rerunning it skips runs whose summary.json
+# interrupted job leaves complete pairs. Rerunning it skips runs whose summary.json
 # exists and continues interrupted ones with --resume.
 # Summarize with: python tools/parity_report.py OUT_DIR
 set -euo pipefail

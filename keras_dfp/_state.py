@@ -29,9 +29,10 @@ unchanged, so Keras without keras_dfp still loads a `.weights.h5` file into a
 float32 model and ignores the extra groups.
 
 Loading restores the state only into objects that exist when Keras walks the
-model, so they are created before that: the rounding state in the layer's
-`build`, the skipped-step state when a model with a "skip_step" layer is
-compiled (`load_model` compiles from the saved config before it loads).
+model, so they are created before that. The rounding state is created in the
+layer's `build`. The skipped-step state is created when a model with a
+"skip_step" layer is compiled, and `load_model` compiles from the saved config
+before it loads the variables.
 """
 
 import logging
@@ -116,8 +117,8 @@ def skipped_steps_variable(optimizer):
     state = getattr(optimizer, STATE_ATTRIBUTE, None)
     if state is None:
         with tf.init_scope():
-            # Every replica sees the same all-reduced gradients and skips the
-            # same steps, so the first replica's count is the count.
+            # Every replica receives the same all-reduced gradients and skips
+            # the same steps, so the first replica's count is the total.
             counter = tf.Variable(
                 0,
                 dtype=tf.int64,

@@ -34,7 +34,7 @@ _SKIP_SUFFIX = "_skip"
 # Layer configs store the policy name between this prefix and suffix (see
 # `serialized_name`). Keras without keras_dfp quotes the stored name in its
 # error, "Cannot convert '<name>' to a mixed precision DTypePolicy", so the
-# suffix tells the user what to install and import. Files written before the
+# suffix names the package to install and import. Files written before the
 # suffix existed store the prefixed name alone and still load.
 SERIALIZED_PREFIX = "keras_dfp>"
 SERIALIZED_SUFFIX = " (pip install keras-dfp, then import keras_dfp before loading)"

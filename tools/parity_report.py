@@ -7,9 +7,10 @@ the step:
 
     python tools/parity_report.py runs/parity --plot=docs/images/simplenet_parity.png
 
-The report has one row per run, then per policy the mean and sample standard deviation
-of the test accuracy over seeds, and the paired difference dfp16 - float32 of the runs
-that share a seed (same initial weights, data order and dropout masks).
+The report has one row per run, then the mean and sample standard deviation of the
+test accuracy over seeds for each policy. Last comes the paired difference dfp16 -
+float32 of the runs that share a seed, which share initial weights, data order and
+dropout masks.
 """
 
 import glob
